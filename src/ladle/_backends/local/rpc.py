@@ -1,0 +1,377 @@
+"""Framed, multiplexed RPC over a stream socket (Unix domain on one machine).
+
+Every frame is ``<u32 length><u8 kind><u64 key>`` then ``length`` payload
+bytes.  Keys are chosen by the client, one per request on a connection, so
+many requests share one socket.  Kinds:
+
+  client → server   REQUEST, STREAM (a request whose answer is a stream),
+                    CANCEL, CREDIT (the consumer can take N more items)
+  server → client   RESULT, ERROR, ITEM, END
+
+A payload with the OOB flag starts with its out-of-band buffer table (pickle
+protocol 5), so large arrays are written without another copy.  Writes made
+in one loop iteration are coalesced into one system call.  Nothing here
+knows what a replica or a controller is: a ``RequestServer`` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ..._core.context import new_request_id
+from ..._core.errors import (
+    ReplicaDiedError,
+    RequestCancelledError,
+    pack_exception,
+    unpack_exception,
+)
+from ..._core.serialization import describe_unpicklable, dumps, dumps_oob
+from ..._core.transport import DoneCallback, RequestServer, StreamReceiver
+
+HEADER = struct.Struct("<IBQ")
+HEADER_SIZE = HEADER.size
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+
+REQUEST, STREAM, CANCEL, CREDIT, RESULT, ERROR, ITEM, END = range(1, 9)
+OOB = 0x80
+MAX_FRAME_BYTES = 1 << 31  # a frame claiming more than this is garbage: drop the peer
+
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+
+
+def _encode(kind: int, key: int, obj: Any) -> list[bytes | memoryview]:
+    data, buffers = dumps_oob(obj)
+    if not buffers:
+        return [_pack_header(len(data), kind, key), data]
+    raws = [b.raw() for b in buffers]
+    table = U32.pack(len(raws)) + b"".join(U64.pack(r.nbytes) for r in raws)
+    total = len(table) + len(data) + sum(r.nbytes for r in raws)
+    return [_pack_header(total, kind | OOB, key), table, data, *raws]
+
+
+def _decode(payload: bytes | bytearray, oob: bool) -> Any:
+    if not oob:
+        return pickle.loads(payload)
+    view = memoryview(payload)
+    (count,) = U32.unpack_from(view, 0)
+    pos = 4
+    sizes = []
+    for _ in range(count):
+        sizes.append(U64.unpack_from(view, pos)[0])
+        pos += 8
+    buffers_len = sum(sizes)
+    main_end = len(view) - buffers_len
+    main = view[pos:main_end]
+    buffers = []
+    pos = main_end
+    for size in sizes:
+        buffers.append(view[pos:pos + size])
+        pos += size
+    return pickle.loads(main, buffers=buffers)
+
+
+class _FramedProtocol(asyncio.Protocol):
+    """Frame parsing and coalesced writes, shared by both ends."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._rbuf = bytearray()
+        self._out: list[bytes | memoryview] = []
+        self._flush_scheduled = False
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._rbuf
+        buf += data
+        pos = 0
+        end = len(buf)
+        frame = self._frame
+        while end - pos >= HEADER_SIZE:
+            length, kind, key = _unpack_header(buf, pos)
+            if length > MAX_FRAME_BYTES:
+                self._protocol_error(f"frame of {length} bytes")
+                return
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break
+            try:
+                frame(kind, key, buf[pos + HEADER_SIZE:stop])
+            except Exception as exc:  # a bad frame drops the peer, never the process
+                self._protocol_error(repr(exc))
+                return
+            pos = stop
+        if pos:
+            del buf[:pos]
+
+    def _frame(self, kind: int, key: int, payload: bytearray) -> None:
+        raise NotImplementedError
+
+    def _protocol_error(self, why: str) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _send(self, parts: list[bytes | memoryview]) -> None:
+        if self._closed:
+            return
+        self._out.extend(parts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self._transport is None or self._closed:
+            out.clear()
+            return
+        self._out = []
+        if len(out) <= 64:
+            self._transport.write(b"".join(out))
+        else:
+            self._transport.writelines(out)
+
+
+# ---------------------------------------------------------------- client side
+
+
+class Connection(_FramedProtocol):
+    """Client end: one per (process, loop, peer); implements ``Remote``."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+        self._next_key = 1
+        # key -> (future or receiver, on_done, is_stream)
+        self._pending: dict[int, tuple[Any, DoneCallback | None, bool]] = {}
+        self._close_callbacks: list[Callable[[], None]] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        if self._closed:
+            self._loop.call_soon(callback)
+        else:
+            self._close_callbacks.append(callback)
+
+    def _start(self, kind: int, payload: Any, target: Any, on_done: DoneCallback | None,
+               args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        if self._closed:
+            raise ReplicaDiedError(f"connection to {self.address} is closed")
+        key = self._next_key
+        self._next_key = key + 1
+        try:
+            parts = _encode(kind, key, payload)
+        except Exception as exc:
+            raise TypeError(
+                f"Could not serialize the request: {describe_unpicklable(args, kwargs)}"
+            ) from exc
+        self._pending[key] = (target, on_done, kind == STREAM)
+        self._send(parts)
+        return key
+
+    def start_unary(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    fut: asyncio.Future[Any], on_done: DoneCallback | None) -> int:
+        return self._start(REQUEST, (meta, args, kwargs), fut, on_done, args, kwargs)
+
+    def start_stream(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                     receiver: StreamReceiver, on_done: DoneCallback | None, window: int) -> int:
+        return self._start(STREAM, (meta, args, kwargs, window), receiver, on_done, args, kwargs)
+
+    def cancel(self, key: int) -> None:
+        if key in self._pending:
+            self._send([_pack_header(0, CANCEL, key)])
+
+    def grant(self, key: int, credit: int) -> None:
+        if key in self._pending:
+            self._send([_pack_header(4, CREDIT, key), U32.pack(credit)])
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        key = self.start_unary((new_request_id(), method, "", False, ""), args, kwargs, fut, None)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.cancel(key)
+            raise
+
+    def _frame(self, kind: int, key: int, payload: bytearray) -> None:
+        oob = bool(kind & OOB)
+        kind &= ~OOB
+        if kind == ITEM:
+            entry = self._pending.get(key)
+            if entry is not None:
+                entry[0].push(_decode(payload, oob))
+            return
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            return
+        target, on_done, is_stream = entry
+        if kind == RESULT:
+            if not target.done():
+                try:
+                    target.set_result(_decode(payload, oob))
+                except Exception as exc:
+                    target.set_exception(TypeError(f"Could not load the result: {exc!r}"))
+        elif kind == END:
+            target.end()
+        elif kind == ERROR:
+            exc_bytes, tb = _decode(payload, oob)
+            exc = unpack_exception(exc_bytes, tb)
+            if is_stream:
+                target.fail(exc)
+            elif not target.done():
+                target.set_exception(exc)
+        if on_done is not None:
+            on_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for target, on_done, is_stream in pending.values():
+            err = ReplicaDiedError(
+                f"The replica at {self.address} died or closed the connection "
+                "while the request was in flight.")
+            if is_stream:
+                target.fail(err)
+            elif not target.done():
+                target.set_exception(err)
+            if on_done is not None:
+                on_done()
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for cb in callbacks:
+            cb()
+
+    async def aclose(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._flush()
+            self._transport.close()
+
+
+# ---------------------------------------------------------------- server side
+
+
+class _Reply:
+    """ReplySink for one request on a server connection."""
+
+    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished")
+
+    def __init__(self, conn: ServerConnection, key: int, credit: int) -> None:
+        self._conn = conn
+        self._key = key
+        self._credit = credit
+        self._waiter: asyncio.Future[None] | None = None
+        self._finished = False
+
+    def result(self, value: Any) -> None:
+        parts = _encode(RESULT, self._key, value)  # may raise: the replica reports it
+        self._finish(parts)
+
+    def error(self, exc: BaseException) -> None:
+        data, tb = pack_exception(exc)
+        self._finish(_encode(ERROR, self._key, (data, tb)))
+
+    def item(self, value: Any) -> bool:
+        self._conn._send(_encode(ITEM, self._key, value))
+        self._credit -= 1
+        return self._credit > 0
+
+    async def wait_credit(self) -> None:
+        while self._credit <= 0 and not self._conn._closed:
+            self._waiter = self._conn._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def add_credit(self, n: int) -> None:
+        self._credit += n
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def end(self) -> None:
+        self._finish([_pack_header(0, END, self._key)])
+
+    def _finish(self, parts: list[bytes | memoryview]) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        conn = self._conn
+        conn._send(parts)
+        conn._requests.pop(self._key, None)
+
+
+class ServerConnection(_FramedProtocol):
+    """Server end of one client connection; hands requests to a RequestServer."""
+
+    def __init__(self, server: RequestServer) -> None:
+        super().__init__()
+        self._server = server
+        # key -> (task or None, reply)
+        self._requests: dict[int, tuple[asyncio.Future[Any] | None, _Reply]] = {}
+
+    def _frame(self, kind: int, key: int, payload: bytearray) -> None:
+        oob = bool(kind & OOB)
+        kind &= ~OOB
+        if kind == REQUEST:
+            meta, args, kwargs = _decode(payload, oob)
+            reply = _Reply(self, key, 0)
+            self._requests[key] = (None, reply)
+            task = self._server.start_request(meta, args, kwargs, reply)
+            if key in self._requests:
+                self._requests[key] = (task, reply)
+        elif kind == STREAM:
+            meta, args, kwargs, window = _decode(payload, oob)
+            reply = _Reply(self, key, window)
+            self._requests[key] = (None, reply)
+            task = self._server.start_request(meta, args, kwargs, reply)
+            if key in self._requests:
+                self._requests[key] = (task, reply)
+        elif kind == CANCEL:
+            entry = self._requests.get(key)
+            if entry is not None:
+                task, reply = entry
+                if task is not None:
+                    task.cancel()
+                else:
+                    reply.error(RequestCancelledError("The request was cancelled."))
+        elif kind == CREDIT:
+            entry = self._requests.get(key)
+            if entry is not None:
+                entry[1].add_credit(U32.unpack_from(payload)[0])
+        else:
+            raise ValueError(f"unexpected frame kind {kind}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        requests, self._requests = self._requests, {}
+        for task, reply in requests.values():
+            reply._finished = True
+            if task is not None:
+                task.cancel()
+            if reply._waiter is not None and not reply._waiter.done():
+                reply._waiter.set_result(None)
+
+
+async def open_connection(address: str) -> Connection:
+    """Connect to ``unix:/path``; the Connection is bound to the running loop."""
+    path = address.partition(":")[2]
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_unix_connection(lambda: Connection(address), path)
+    return protocol
+
+
+async def serve_socket(sock: Any, server: RequestServer) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(lambda: ServerConnection(server), sock=sock)

@@ -1,0 +1,75 @@
+"""Per-request and per-replica context, visible to user code and to handles.
+
+The request context follows a request through its replica: the replica sets
+it before running user code (threads for sync methods get a copy), and every
+handle call made inside reads it to carry the request id onward and to
+register itself as a child, so cancelling the parent cancels the children.
+The replica context is process-wide and set once when a replica starts.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import ReplicaContext
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str = ""
+    route: str = ""
+    app_name: str = ""
+    multiplexed_model_id: str = ""
+    # Responses started while serving this request that are not finished yet:
+    # cancelling the request cancels them (see _serving.handle).
+    children: set[Any] = field(default_factory=set)
+
+
+_request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "ladle_request_context", default=None)
+# A contextvar, not a global: in local testing mode several replicas share a process.
+_replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "ladle_replica_context", default=None)
+
+
+def current_request() -> RequestContext | None:
+    return _request_context.get()
+
+
+def set_request(ctx: RequestContext | None) -> contextvars.Token[RequestContext | None]:
+    return _request_context.set(ctx)
+
+
+def reset_request(token: contextvars.Token[RequestContext | None]) -> None:
+    _request_context.reset(token)
+
+
+def current_replica() -> ReplicaContext | None:
+    return _replica_context.get()
+
+
+def set_replica(ctx: ReplicaContext | None) -> None:
+    _replica_context.set(ctx)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# Multiplexed models loaded in this replica; the replica installs a listener so
+# routers can prefer replicas that already hold a model.
+_model_ids_listener: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "ladle_model_ids_listener", default=None)
+
+
+def report_multiplexed_model_ids(model_ids: frozenset[str]) -> None:
+    listener = _model_ids_listener.get()
+    if listener is not None:
+        listener(model_ids)
+
+
+def set_model_ids_listener(listener: Any) -> None:
+    _model_ids_listener.set(listener)

@@ -1,0 +1,144 @@
+"""ladle's own exceptions, and how errors cross a process boundary.
+
+Every error ladle raises itself derives from ``LadleError`` (alias
+``RayServeException``, its name in ``ray.serve.exceptions``).  Each class
+carries the HTTP ``status_code`` the proxy answers with, so mapping an error
+to a response is one attribute lookup.
+
+    LadleError (= RayServeException)             500
+    ├── BackPressureError                         503  caller's queue is full
+    ├── DeploymentUnavailableError                503  no replica can take it
+    ├── ReplicaDiedError                          503  the replica died mid-request
+    ├── RequestCancelledError                     499  cancelled by caller/timeout
+    ├── HandleClosedError                         503  used after serve.shutdown()
+    ├── RemoteError                               500  user error that can't be pickled
+    └── DeploymentFailedError                     500  constructor raised (serve.run)
+
+User exceptions are not wrapped: they reach the caller as their own class
+with the remote traceback attached (``__cause__`` and a note).
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+
+class LadleError(Exception):
+    """Base of every error raised by ladle itself."""
+
+    status_code = 500
+
+
+RayServeException = LadleError
+
+
+class BackPressureError(LadleError):
+    """The caller's queue for a deployment is full (``max_queued_requests``)."""
+
+    status_code = 503
+
+    def __init__(self, *, num_queued_requests: int = 0, max_queued_requests: int = 0,
+                 message: str | None = None) -> None:
+        self.num_queued_requests = num_queued_requests
+        self.max_queued_requests = max_queued_requests
+        super().__init__(message or (
+            f"Request dropped due to backpressure (num_queued_requests="
+            f"{num_queued_requests}, max_queued_requests={max_queued_requests})."))
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_backpressure, (self.num_queued_requests,
+                                        self.max_queued_requests, str(self)))
+
+
+def _rebuild_backpressure(n: int, m: int, message: str) -> BackPressureError:
+    return BackPressureError(num_queued_requests=n, max_queued_requests=m, message=message)
+
+
+class DeploymentUnavailableError(LadleError):
+    """No replica of the deployment is available to take the request."""
+
+    status_code = 503
+
+
+class ReplicaDiedError(LadleError):
+    """The replica running the request died before answering."""
+
+    status_code = 503
+
+
+class RequestCancelledError(LadleError):
+    """The request was cancelled (by the caller, a timeout or a disconnect)."""
+
+    status_code = 499
+
+
+class HandleClosedError(LadleError):
+    """The handle's instance was shut down (``serve.shutdown()``)."""
+
+    status_code = 503
+
+
+class DeploymentFailedError(LadleError):
+    """A deployment could not start (its constructor raised)."""
+
+
+class RemoteError(LadleError):
+    """A user exception that could not be pickled, as its type, text and traceback."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}\n\nRemote traceback:\n{remote_traceback}")
+
+    def __reduce__(self) -> Any:
+        return (RemoteError, (self.type_name, str(self), self.remote_traceback))
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process, shown as its cause."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def pack_exception(exc: BaseException) -> tuple[bytes, str]:
+    """What an error frame carries: the pickled exception (or a RemoteError) and its traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = pickle.dumps(exc, protocol=5)
+        pickle.loads(data)  # an exception that pickles but won't load is no better
+    except Exception:
+        try:
+            import cloudpickle
+            data = cloudpickle.dumps(exc, protocol=5)
+            pickle.loads(data)
+        except Exception:
+            data = pickle.dumps(RemoteError(type(exc).__qualname__, _safe_str(exc), tb))
+    return data, tb
+
+
+def unpack_exception(data: bytes, tb: str) -> BaseException:
+    """The exception to raise at the caller, with the remote traceback attached."""
+    try:
+        exc: BaseException = pickle.loads(data)
+    except Exception as load_error:
+        exc = RemoteError("<unloadable exception>", repr(load_error), tb)
+    if not isinstance(exc, LadleError) or isinstance(exc, RemoteError):
+        if tb and exc.__cause__ is None:
+            exc.__cause__ = RemoteTraceback(tb)
+        if tb and not isinstance(exc, RemoteError):
+            exc.add_note("Remote traceback:\n" + tb)
+    return exc
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return "<unprintable>"

@@ -1,0 +1,61 @@
+"""How values cross a process boundary: pickle protocol 5 through cloudpickle.
+
+cloudpickle ships classes and functions defined in ``__main__``, a notebook
+or a test function by value; for plain values it costs about a microsecond
+more than ``pickle``.  Large buffers (bytes, NumPy arrays) go out of band so
+the transport can write them without another copy.  Loading is plain
+``pickle.loads`` — only ever on bytes from another ladle process, never on
+bytes from an HTTP client.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cloudpickle
+
+loads = pickle.loads
+
+# Buffers smaller than this are cheaper to copy into the pickle than to frame.
+_OUT_OF_BAND_MIN_BYTES = 64 * 1024
+
+
+def dumps(obj: Any) -> bytes:
+    data: bytes = cloudpickle.dumps(obj, protocol=5)
+    return data
+
+
+def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle ``obj`` with its large buffers kept aside (pickle protocol 5)."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes >= _OUT_OF_BAND_MIN_BYTES:
+            buffers.append(buf)
+            return False
+        return True
+
+    data: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    return data, buffers
+
+
+def describe_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Name the first argument that cannot be pickled, for a useful error."""
+    for i, value in enumerate(args):
+        err = _pickle_error(value)
+        if err is not None:
+            return f"argument {i} ({type(value).__qualname__}): {err}"
+    for key, value in kwargs.items():
+        err = _pickle_error(value)
+        if err is not None:
+            return f"keyword argument {key!r} ({type(value).__qualname__}): {err}"
+    return "an argument could not be pickled"
+
+
+def _pickle_error(value: Any) -> str | None:
+    try:
+        cloudpickle.dumps(value, protocol=5)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,381 @@
+"""DeploymentHandle, DeploymentResponse and DeploymentResponseGenerator.
+
+Handles are thin: options plus the router for the caller's event loop.  A
+caller inside a running loop uses a router on that loop (no thread hop); a
+caller outside any loop hands the request to the background loop and waits
+on a ``concurrent.futures.Future``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .._core.context import current_request, new_request_id
+from .._core.errors import LadleError, RequestCancelledError
+from .._core.loop import background_loop
+from .._core.types import DeploymentID
+from .router import DONE, QUEUED, Request, Router, router_for
+from .streams import STREAM_WINDOW, StreamBuffer
+
+_get_running_loop = asyncio._get_running_loop
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
+
+
+@dataclass(frozen=True, slots=True)
+class _HandleOptions:
+    method_name: str = "__call__"
+    multiplexed_model_id: str = ""
+    stream: bool = False
+
+
+class DeploymentHandle:
+    """A handle used to make requests to a deployment at runtime.
+
+    Example:
+        .. code-block:: python
+
+            @serve.deployment
+            class Ingress:
+                def __init__(self, downstream: DeploymentHandle):
+                    self._downstream = downstream
+
+                async def __call__(self, name: str) -> str:
+                    return await self._downstream.say_hi.remote(name)
+
+    Handles pickle to their deployment's name, so they can be passed to other
+    deployments, threads and processes; they work from any thread and loop.
+    """
+
+    def __init__(self, deployment_name: str, app_name: str = "default", *,
+                 handle_options: _HandleOptions | None = None) -> None:
+        self.deployment_id = DeploymentID(deployment_name, app_name)
+        self.handle_options = handle_options or _HandleOptions()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._router: Router | None = None
+
+    @property
+    def deployment_name(self) -> str:
+        return self.deployment_id.name
+
+    @property
+    def app_name(self) -> str:
+        return self.deployment_id.app_name
+
+    def options(self, *, method_name: Any = DEFAULT, multiplexed_model_id: Any = DEFAULT,
+                stream: Any = DEFAULT, use_new_handle_api: Any = DEFAULT,
+                _prefer_local_routing: Any = DEFAULT, _source: Any = DEFAULT) -> DeploymentHandle:
+        """Return a copy of this handle with some options changed.
+
+        Example:
+            ``handle.options(method_name="predict", multiplexed_model_id="m1").remote(x)``
+        """
+        changes: dict[str, Any] = {}
+        if method_name is not DEFAULT:
+            if not isinstance(method_name, str) or not method_name:
+                raise TypeError(f"method_name must be a non-empty str, got {method_name!r}")
+            changes["method_name"] = method_name
+        if multiplexed_model_id is not DEFAULT:
+            if not isinstance(multiplexed_model_id, str):
+                raise TypeError("multiplexed_model_id must be a str, "
+                                f"got {type(multiplexed_model_id).__name__}")
+            changes["multiplexed_model_id"] = multiplexed_model_id
+        if stream is not DEFAULT:
+            if not isinstance(stream, bool):
+                raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
+            changes["stream"] = stream
+        clone = DeploymentHandle.__new__(DeploymentHandle)
+        clone.deployment_id = self.deployment_id
+        clone.handle_options = replace(self.handle_options, **changes)
+        clone._loop, clone._router = self._loop, self._router
+        return clone
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
+        """Call the deployment's method; returns at once with a response to await.
+
+        Example:
+            ``await handle.remote(1)`` in a loop, ``handle.remote(1).result()`` outside,
+            ``handle2.remote(handle1.remote(1))`` to compose without waiting.
+        """
+        opts = self.handle_options
+        loop = _get_running_loop()
+        threaded = loop is None
+        if threaded:
+            loop = background_loop()
+        if loop is self._loop and self._router is not None:
+            router = self._router
+        else:
+            router = router_for(self.deployment_id, loop)
+            self._loop, self._router = loop, router
+        ctx = current_request()
+        if ctx is None:
+            meta = (new_request_id(), opts.method_name, opts.multiplexed_model_id, opts.stream, "")
+        else:
+            meta = (ctx.request_id, opts.method_name, opts.multiplexed_model_id, opts.stream,
+                    ctx.route)
+        response: DeploymentResponse | DeploymentResponseGenerator
+        if opts.stream:
+            target: Any = StreamBuffer(loop, STREAM_WINDOW, threaded)
+            req = Request(meta, args, kwargs, target, True, STREAM_WINDOW)
+            target.request = req
+            response = DeploymentResponseGenerator(req, router, loop, threaded)
+        else:
+            target = concurrent.futures.Future() if threaded else loop.create_future()
+            req = Request(meta, args, kwargs, target, False, 0)
+            response = DeploymentResponse(req, router, loop, threaded)
+        needs_resolving = _check_arguments(args, kwargs)
+        if threaded:
+            loop.call_soon_threadsafe(_start, router, req, response, needs_resolving)
+        else:
+            _start(router, req, response, needs_resolving)
+        if ctx is not None:
+            _track_child(ctx.children, response)
+        return response
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_handle, (self.deployment_id.name, self.deployment_id.app_name,
+                                  self.handle_options))
+
+    def __repr__(self) -> str:
+        return f"DeploymentHandle(deployment='{self.deployment_name}', app='{self.app_name}')"
+
+
+def _rebuild_handle(name: str, app: str, options: _HandleOptions) -> DeploymentHandle:
+    return DeploymentHandle(name, app, handle_options=options)
+
+
+def _check_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """True if some argument is a DeploymentResponse to resolve first."""
+    found = False
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, _ResponseBase):
+            if isinstance(value, DeploymentResponseGenerator):
+                raise TypeError("A DeploymentResponseGenerator cannot be passed to another "
+                                "`.remote()` call; iterate it and pass the items instead.")
+            found = True
+    return found
+
+
+def _start(router: Router, req: Request, response: _ResponseBase, needs_resolving: bool) -> None:
+    if needs_resolving:
+        response._resolver = router._loop.create_task(_resolve_then_assign(router, req))
+    else:
+        router.assign(req)
+
+
+async def _resolve_then_assign(router: Router, req: Request) -> None:
+    try:
+        args = tuple([await v if isinstance(v, DeploymentResponse) else v for v in req.args])
+        kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v)
+                  for k, v in req.kwargs.items()}
+    except asyncio.CancelledError:
+        if req.state != DONE:
+            req.fail(RequestCancelledError("The request was cancelled before it was assigned."))
+        raise
+    except BaseException as exc:
+        # An upstream call failed: this one fails with the same error.
+        req.fail(exc)
+        return
+    if req.state == DONE:
+        return
+    req.args, req.kwargs = args, kwargs
+    router.assign(req)
+
+
+def _track_child(children: set[Any], response: _ResponseBase) -> None:
+    """Remember a call made while serving a request, until it finishes."""
+    children.add(response)
+    target = response._req.target
+    if isinstance(target, StreamBuffer):
+        return  # streams are few; the set is dropped with the request
+    target.add_done_callback(lambda _: children.discard(response))
+
+
+class _ResponseBase:
+    __slots__ = ("_req", "_router", "_loop", "_threaded", "_cancelled", "_resolver")
+
+    def __init__(self, req: Request, router: Router, loop: asyncio.AbstractEventLoop,
+                 threaded: bool) -> None:
+        self._req = req
+        self._router = router
+        self._loop = loop
+        self._threaded = threaded
+        self._cancelled = False
+        self._resolver: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        """Cancel the call: dropped if not yet assigned, else cancelled on the replica.
+
+        The replica cancels every downstream call the request made.  Later
+        access to the result raises ``RequestCancelledError``.
+        """
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if _get_running_loop() is self._loop:
+            self._cancel_on_loop()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._cancel_on_loop)
+            except RuntimeError:
+                pass
+
+    def _cancel_on_loop(self) -> None:
+        resolver = self._resolver
+        if resolver is not None and not resolver.done():
+            resolver.cancel()
+        self._router.cancel(self._req)
+
+    def cancelled(self) -> bool:
+        """Whether ``cancel()`` was called (the request may still have completed)."""
+        return self._cancelled
+
+    def __reduce__(self) -> Any:
+        raise LadleError(
+            f"{type(self).__name__} cannot be serialized. To pass one to another "
+            "deployment, pass it as a top-level argument of `.remote()` (not inside a "
+            "list or dict), or `await` it first.")
+
+
+class DeploymentResponse(_ResponseBase):
+    """A future-like object wrapping the result of a unary handle call.
+
+    Example:
+        .. code-block:: python
+
+            response = handle.remote("world")
+            assert response.result() == "Hello world!"     # outside a loop
+            assert await handle.remote("world") == "Hello world!"   # inside one
+
+    It can be passed straight to another ``.remote()`` call; the value is
+    resolved before the downstream method runs.
+    """
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        fut = self._req.target
+        loop = _get_running_loop()
+        if self._threaded:
+            waitable = asyncio.wrap_future(fut)
+        elif loop is self._loop:
+            waitable = fut
+        else:
+            waitable = _bridge_future(fut, self._loop)
+        try:
+            return (yield from waitable.__await__())
+        except asyncio.CancelledError:
+            if self._req.state != DONE or not fut.done():
+                self.cancel()
+                raise
+            if self._cancelled:
+                raise RequestCancelledError("The request was cancelled.") from None
+            raise
+
+    def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> Any:
+        """Block until the result is ready (not from inside an event loop).
+
+        Raises ``TimeoutError`` past ``timeout_s``.
+        """
+        if not _skip_asyncio_check and _get_running_loop() is not None:
+            raise RuntimeError(
+                "Sync methods should not be called from within an `asyncio` event loop. "
+                "Use `await response` instead.")
+        fut = self._req.target
+        if not self._threaded:
+            fut = _bridge_future(fut, self._loop, threaded=True)
+        try:
+            return fut.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            if fut.done():
+                raise
+            raise TimeoutError(f"Timed out after {timeout_s}s waiting for the result.") from None
+        except concurrent.futures.CancelledError:
+            raise RequestCancelledError("The request was cancelled.") from None
+
+    def _wait_future(self) -> concurrent.futures.Future[Any]:
+        """A concurrent future that completes with this response (for ``ladle.wait``)."""
+        fut = self._req.target
+        if self._threaded:
+            return fut  # type: ignore[no-any-return]
+        return _bridge_future(fut, self._loop, threaded=True)  # type: ignore[no-any-return]
+
+    def _is_done(self) -> bool:
+        done: bool = self._req.target.done()
+        return done
+
+
+class DeploymentResponseGenerator(_ResponseBase):
+    """The result of a streaming handle call: iterate it with ``for`` or ``async for``.
+
+    Example:
+        .. code-block:: python
+
+            gen = handle.options(stream=True).generate.remote(10)
+            assert [i for i in gen] == list(range(10))
+
+    Items arrive as the replica produces them; the replica is never more than
+    a small window of items ahead of the consumer.
+    """
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        raise TypeError("`DeploymentResponseGenerator` cannot be awaited directly. "
+                        "Use `async for` instead.")
+
+    def __aiter__(self) -> DeploymentResponseGenerator:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._req.target.next_async()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def __iter__(self) -> DeploymentResponseGenerator:
+        return self
+
+    def __next__(self) -> Any:
+        if _get_running_loop() is not None:
+            raise RuntimeError("Iterating a DeploymentResponseGenerator with `for` would block "
+                               "the event loop. Use `async for` instead.")
+        buffer: StreamBuffer = self._req.target
+        if buffer._cond is None:
+            raise RuntimeError("This generator was created in an event loop; "
+                               "iterate it with `async for` in that loop.")
+        return buffer.next_sync()
+
+
+def _bridge_future(fut: Any, loop: asyncio.AbstractEventLoop, threaded: bool = False) -> Any:
+    """A future usable from another loop (or thread) that follows ``fut`` on ``loop``."""
+    out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def copy(src: asyncio.Future[Any]) -> None:
+        if src.cancelled():
+            out.cancel()
+        elif src.exception() is not None:
+            out.set_exception(src.exception())  # type: ignore[arg-type]
+        else:
+            out.set_result(src.result())
+
+    loop.call_soon_threadsafe(fut.add_done_callback, copy)
+    return out if threaded else asyncio.wrap_future(out)
+
+
+__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator", "QUEUED"]

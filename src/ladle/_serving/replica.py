@@ -1,0 +1,281 @@
+"""The Replica: one user object serving requests on one event loop.
+
+Transport-agnostic: a backend hands it requests through ``start_request``
+and it answers through a ``ReplySink``.  Here: construction from the
+shipped spec, ``max_ongoing_requests``, request context, cancellation of
+a request and everything it called, the system calls the controller uses
+(ready, health, reconfigure, stats, drain).  Not here: sockets, processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from .._core import context as _context
+from .._core.errors import RequestCancelledError
+from .._core.transport import ReplySink
+from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
+from .._core.snapshots import hub
+from . import control_link
+from .user_code import UserCallable
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a replica process needs to build and run its user object."""
+
+    deployment_id: DeploymentID
+    replica_id: str
+    serialized_callable: bytes
+    serialized_init: bytes  # cloudpickled (args, kwargs)
+    is_function: bool
+    max_ongoing_requests: int
+    user_config: Any = None
+    controller_address: str = ""
+    sys_path: tuple[str, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Replica:
+    """Serves one deployment's requests; the same code under every backend."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self._max_ongoing = spec.max_ongoing_requests
+        self._ongoing = 0
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._user: UserCallable | None = None
+        self._executor = ThreadPoolExecutor(max_workers=max(4, spec.max_ongoing_requests + 2),
+                                            thread_name_prefix="ladle-replica")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._stopped: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._model_ids: frozenset[str] = frozenset()
+        self._base_context = contextvars.copy_context()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Build the user object, then serve until asked to stop."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._install_context(None)
+        if self.spec.controller_address:
+            control_link.install(self.spec.controller_address, self._loop)
+            hub.closed = None
+        try:
+            await self._build()
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            self._ready.exception()  # retrieved here; the controller reads it via `ready`
+        else:
+            self._ready.set_result(None)
+        await self._stopped.wait()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _build(self) -> None:
+        spec = self.spec
+        target = cloudpickle.loads(spec.serialized_callable)
+        init_args, init_kwargs = cloudpickle.loads(spec.serialized_init)
+        if spec.is_function:
+            obj = target
+        else:
+            obj = target(*init_args, **init_kwargs)
+            if inspect.isawaitable(obj):  # an async factory
+                obj = await obj
+        self._user = UserCallable(obj, spec.is_function, spec.deployment_id.name, self._executor)
+        self._install_context(obj)
+        if spec.user_config is not None:
+            await self._reconfigure(spec.user_config)
+
+    def _install_context(self, servable: Any) -> None:
+        """Set what user code reads from context, and keep it for request tasks."""
+        spec = self.spec
+        _context.set_replica(ReplicaContext(
+            app_name=spec.deployment_id.app_name, deployment=spec.deployment_id.name,
+            replica_tag=spec.replica_id, replica_id=spec.replica_id, servable_object=servable))
+        _context.set_model_ids_listener(self._on_model_ids)
+        self._base_context = contextvars.copy_context()
+
+    def _on_model_ids(self, model_ids: frozenset[str]) -> None:
+        self._model_ids = model_ids
+
+    # ----------------------------------------------------------------- requests
+
+    def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                      sink: ReplySink) -> asyncio.Future[Any] | None:
+        assert self._loop is not None
+        method: str = meta[1]
+        if method.startswith(SYSTEM_PREFIX):
+            coro = self._system(method, args, kwargs, sink)
+        elif meta[3]:
+            coro = self._stream(meta, args, kwargs, sink)
+        else:
+            coro = self._unary(meta, args, kwargs, sink)
+        return self._loop.create_task(coro, context=self._base_context.copy())
+
+    async def _acquire(self) -> None:
+        if self._ongoing >= self._max_ongoing or self._slot_waiters:
+            waiter = self._loop.create_future()  # type: ignore[union-attr]
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed a slot while being cancelled: pass it on
+                else:
+                    try:
+                        self._slot_waiters.remove(waiter)
+                    except ValueError:
+                        pass
+                raise
+            return  # the releaser counted us in already
+        self._ongoing += 1
+        if self._ongoing == 1:
+            self._idle.clear()  # type: ignore[union-attr]
+
+    def _release(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the next request
+                return
+        self._ongoing -= 1
+        if self._ongoing == 0:
+            self._idle.set()  # type: ignore[union-attr]
+
+    async def _unary(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                     sink: ReplySink) -> None:
+        await self._acquire()
+        ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
+        _context.set_request(ctx)
+        try:
+            user = self._user
+            if user is None:
+                await self._wait_ready()
+                user = self._user
+                assert user is not None
+            fn, kind = user.method(meta[1])
+            value = await user.call(fn, kind, args, kwargs, meta[1])
+            try:
+                sink.result(value)
+            except Exception as exc:
+                raise TypeError(
+                    f"Could not serialize the result of '{meta[1]}' of deployment "
+                    f"'{self.spec.deployment_id.name}' ({type(value).__qualname__}): {exc}"
+                ) from exc
+        except asyncio.CancelledError:
+            _cancel_children(ctx)
+            sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))
+            raise
+        except BaseException as exc:
+            sink.error(exc)
+        finally:
+            self._release()
+
+    async def _stream(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                      sink: ReplySink) -> None:
+        await self._acquire()
+        ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
+        _context.set_request(ctx)
+        try:
+            if self._user is None:
+                await self._wait_ready()
+            user = self._user
+            assert user is not None
+            fn, kind = user.method(meta[1])
+            await user.stream(fn, kind, args, kwargs, sink, meta[1])
+        except asyncio.CancelledError:
+            _cancel_children(ctx)
+            sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))
+            raise
+        except BaseException as exc:
+            sink.error(exc)
+        finally:
+            self._release()
+
+    async def _wait_ready(self) -> None:
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+
+    # ------------------------------------------------------------- system calls
+
+    async def _system(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      sink: ReplySink) -> None:
+        try:
+            handler = getattr(self, "_sys_" + method[len(SYSTEM_PREFIX):].rstrip("_"))
+            sink.result(await handler(*args, **kwargs))
+        except asyncio.CancelledError:
+            sink.error(RequestCancelledError(method))
+            raise
+        except BaseException as exc:
+            sink.error(exc)
+
+    async def _sys_ready(self) -> dict[str, Any]:
+        await self._wait_ready()
+        return {"pid": os.getpid()}
+
+    async def _sys_health(self) -> bool:
+        await self._wait_ready()
+        assert self._user is not None
+        check = getattr(self._user.target, "check_health", None)
+        if check is not None and not self.spec.is_function:
+            result = (await check() if inspect.iscoroutinefunction(check)
+                      else await self._user.run_sync(check, (), {}))
+            if inspect.isawaitable(result):
+                await result
+        return True
+
+    async def _sys_reconfigure(self, user_config: Any) -> None:
+        await self._wait_ready()
+        await self._reconfigure(user_config)
+
+    async def _reconfigure(self, user_config: Any) -> None:
+        assert self._user is not None
+        reconfigure = getattr(self._user.target, "reconfigure", None)
+        if reconfigure is None or self.spec.is_function:
+            raise TypeError(f"Deployment '{self.spec.deployment_id.name}' has a user_config "
+                            "but no `reconfigure(self, user_config)` method.")
+        result = (await reconfigure(user_config) if inspect.iscoroutinefunction(reconfigure)
+                  else await self._user.run_sync(reconfigure, (user_config,), {}))
+        if inspect.isawaitable(result):
+            await result
+
+    async def _sys_stats(self) -> ReplicaStats:
+        return ReplicaStats(self._ongoing + len(self._slot_waiters), self._model_ids)
+
+    async def _sys_drain(self, timeout_s: float) -> int:
+        """Wait (up to ``timeout_s``) for in-flight requests; return how many were left."""
+        assert self._idle is not None
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        return self._ongoing
+
+    async def _sys_stop(self) -> None:
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def _sys_ping(self) -> bool:
+        return True
+
+
+def _cancel_children(ctx: _context.RequestContext) -> None:
+    for child in list(ctx.children):
+        child.cancel()
+    ctx.children.clear()

@@ -1,0 +1,288 @@
+"""The Router: sends one deployment's requests, from one event loop, to its replicas.
+
+Not here: resolving ``DeploymentResponse`` arguments (the handle does that
+before assigning) and the choice policy itself (``choosers.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from typing import Any
+
+from .._core.errors import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    HandleClosedError,
+    ReplicaDiedError,
+    RequestCancelledError,
+)
+from .._core.snapshots import hub
+from .._core.transport import Remote, connect
+from .._core.types import DeploymentID, DeploymentSnapshot, ReplicaInfo
+from .choosers import choose_replica
+
+QUEUED, SENT, DONE = 0, 1, 2
+_CONNECT_RETRY_S = 0.1
+_CONNECT_ATTEMPTS = 20
+
+
+class Request:
+    """One call on its way: queued in a router, then sent on a replica's connection."""
+
+    __slots__ = ("meta", "args", "kwargs", "target", "stream", "window", "model_id",
+                 "state", "slot", "key", "__weakref__")
+
+    def __init__(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 target: Any, stream: bool, window: int) -> None:
+        self.meta = meta
+        self.args = args
+        self.kwargs = kwargs
+        self.target = target  # a Future (unary) or a StreamReceiver (stream)
+        self.stream = stream
+        self.window = window
+        self.model_id: str = meta[2]
+        self.state = QUEUED
+        self.slot: _Slot | None = None
+        self.key = 0
+
+    def fail(self, exc: BaseException) -> None:
+        self.state = DONE
+        target = self.target
+        if self.stream:
+            target.fail(exc)
+        elif not target.done():
+            target.set_exception(exc)
+
+
+class _Slot:
+    """A replica as one router sees it: its connection and what is in flight there."""
+
+    __slots__ = ("info", "remote", "in_flight", "capacity", "model_ids", "routable", "router")
+
+    def __init__(self, info: ReplicaInfo, router: Router) -> None:
+        self.info = info
+        self.remote: Remote | None = None
+        self.in_flight = 0
+        self.capacity = info.max_ongoing_requests
+        self.model_ids: set[str] = set(info.multiplexed_model_ids)
+        self.routable = False
+        self.router = router
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        router = self.router
+        if router._queue:
+            router._dispatch()
+        elif not self.routable and self.in_flight == 0 and self.remote is not None:
+            router._retire(self)
+
+
+class Router:
+    """Routes requests for one deployment from one event loop.
+
+    Replicas come from the controller's pushed snapshots; the router keeps one
+    connection per replica with many requests in flight.  A request goes to
+    the less loaded of two randomly chosen replicas that have room under
+    ``max_ongoing_requests`` (preferring replicas that hold its multiplexed
+    model); when none has room it waits in a FIFO queue, and past
+    ``max_queued_requests`` waiting requests it fails at once with
+    ``BackPressureError``.  A request that never reached a replica which died
+    is sent elsewhere; one in flight on it fails with ``ReplicaDiedError``.
+    Callers that need a deadline apply their own timeout.
+    """
+
+    def __init__(self, deployment_id: DeploymentID, loop: asyncio.AbstractEventLoop) -> None:
+        self.deployment_id = deployment_id
+        self._loop = loop
+        self._slots: dict[str, _Slot] = {}
+        self._routable: list[_Slot] = []
+        self._queue: deque[Request] = deque()
+        self._max_queued = -1
+        self._snapshot: DeploymentSnapshot | None = None
+        self._closed_error: BaseException | None = hub.closed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe = hub.subscribe(deployment_id, loop, self._on_snapshot)
+
+    # ---------------------------------------------------------------- requests
+
+    def assign(self, req: Request) -> None:
+        """Send ``req`` now if a replica has room, else queue it (on this router's loop)."""
+        if not self._queue:
+            slot = choose_replica(self._routable, req.model_id)
+            if slot is not None:
+                self._send(slot, req)
+                return
+        if self._closed_error is not None:
+            req.fail(self._closed_error)
+            return
+        if self._max_queued != -1 and len(self._queue) >= self._max_queued:
+            req.fail(BackPressureError(num_queued_requests=len(self._queue),
+                                       max_queued_requests=self._max_queued))
+            return
+        self._queue.append(req)
+
+    def cancel(self, req: Request) -> None:
+        if req.state == QUEUED:
+            try:
+                self._queue.remove(req)
+            except ValueError:
+                pass
+            req.fail(RequestCancelledError("The request was cancelled before it was assigned."))
+        elif req.state == SENT:
+            req.state = DONE
+            slot = req.slot
+            if slot is not None and slot.remote is not None:
+                slot.remote.cancel(req.key)
+            req.fail(RequestCancelledError("The request was cancelled."))
+
+    def _send(self, slot: _Slot, req: Request) -> None:
+        remote = slot.remote
+        assert remote is not None
+        slot.in_flight += 1
+        req.state = SENT
+        req.slot = slot
+        try:
+            if req.stream:
+                req.key = remote.start_stream(req.meta, req.args, req.kwargs, req.target,
+                                              slot.release, req.window)
+            else:
+                req.key = remote.start_unary(req.meta, req.args, req.kwargs, req.target,
+                                             slot.release)
+        except ReplicaDiedError:
+            # It never left this process: try another replica.
+            slot.in_flight -= 1
+            req.state = QUEUED
+            self._drop(slot)
+            self._queue.appendleft(req)
+            self._dispatch()
+            return
+        except BaseException as exc:
+            slot.in_flight -= 1
+            req.fail(exc)
+            return
+        if req.model_id:
+            slot.model_ids.add(req.model_id)
+        # Arguments are not needed any more; don't keep them alive.
+        req.args = ()
+        req.kwargs = {}
+
+    def _dispatch(self) -> None:
+        queue = self._queue
+        while queue:
+            slot = choose_replica(self._routable, queue[0].model_id)
+            if slot is None:
+                return
+            self._send(slot, queue.popleft())
+
+    # ------------------------------------------------------------- replica set
+
+    def _on_snapshot(self, snapshot: DeploymentSnapshot) -> None:
+        self._snapshot = snapshot
+        self._max_queued = snapshot.max_queued_requests
+        if not snapshot.exists:
+            self._fail_all(DeploymentUnavailableError(
+                f"Deployment '{self.deployment_id.name}' in application "
+                f"'{self.deployment_id.app_name}' does not exist or was deleted."))
+        else:
+            self._closed_error = None
+        live = {r.replica_id: r for r in snapshot.replicas}
+        for replica_id, slot in list(self._slots.items()):
+            if replica_id not in live:
+                self._drop(slot)
+        for replica_id, info in live.items():
+            slot = self._slots.get(replica_id)
+            if slot is None:
+                slot = _Slot(info, self)
+                self._slots[replica_id] = slot
+                self._spawn(self._connect(slot))
+            else:
+                slot.info = info
+                slot.model_ids.update(info.multiplexed_model_ids)
+
+    async def _connect(self, slot: _Slot) -> None:
+        for _ in range(_CONNECT_ATTEMPTS):
+            if self._slots.get(slot.info.replica_id) is not slot:
+                return
+            try:
+                remote = await connect(slot.info.address)
+            except OSError:
+                await asyncio.sleep(_CONNECT_RETRY_S)
+                continue
+            if self._slots.get(slot.info.replica_id) is not slot:
+                await remote.aclose()
+                return
+            slot.remote = remote
+            slot.routable = True
+            self._routable.append(slot)
+            remote.add_close_callback(lambda: self._drop(slot))
+            self._dispatch()
+            return
+        self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Stop routing to ``slot``; close its connection once nothing is in flight."""
+        if self._slots.get(slot.info.replica_id) is slot:
+            del self._slots[slot.info.replica_id]
+        if slot.routable:
+            slot.routable = False
+            self._routable.remove(slot)
+        if slot.in_flight == 0 and slot.remote is not None:
+            self._retire(slot)
+
+    def _retire(self, slot: _Slot) -> None:
+        remote, slot.remote = slot.remote, None
+        if remote is not None and not remote.closed:
+            self._spawn(remote.aclose())
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._closed_error = exc
+        queue, self._queue = self._queue, deque()
+        for req in queue:
+            req.fail(exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Fail what is queued and drop every connection (on this router's loop)."""
+        self._unsubscribe()
+        self._fail_all(exc or HandleClosedError("The handle's ladle instance was shut down."))
+        for slot in list(self._slots.values()):
+            self._drop(slot)
+        for slot in list(self._routable):
+            self._drop(slot)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"queued": len(self._queue),
+                "in_flight": {s.info.replica_id: s.in_flight for s in self._slots.values()}}
+
+
+# Routers of this process, one per (deployment, event loop).
+_routers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[DeploymentID, Router]] = (
+    weakref.WeakKeyDictionary())
+
+
+def router_for(deployment_id: DeploymentID, loop: asyncio.AbstractEventLoop) -> Router:
+    per_loop = _routers.get(loop)
+    if per_loop is None:
+        per_loop = _routers[loop] = {}
+    router = per_loop.get(deployment_id)
+    if router is None:
+        router = per_loop[deployment_id] = Router(deployment_id, loop)
+    return router
+
+
+def close_routers(exc: BaseException | None = None) -> None:
+    """Close every router of this process, each on its own loop."""
+    for loop, per_loop in list(_routers.items()):
+        routers = list(per_loop.values())
+        per_loop.clear()
+        for router in routers:
+            try:
+                loop.call_soon_threadsafe(router.close, exc)
+            except RuntimeError:
+                pass
