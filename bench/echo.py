@@ -3,7 +3,10 @@
 A frame is a 4-byte big-endian length and that many payload bytes; the
 server answers each frame with a frame holding the same payload.  The
 ``blocking`` server is one thread on a blocking socket; the ``uvloop`` server
-is an ``asyncio.Protocol`` on uvloop that parses frames in ``data_received``.
+is an ``asyncio.Protocol`` on uvloop that parses frames in ``data_received``
+and answers each read with one batched ``write``; ``uvloop_each`` is the same
+protocol with one ``write`` per reply frame, as an RPC server answering
+requests one by one does.
 Run as a script, this module is the server process: it inherits a listening
 Unix socket (so clients never race its startup), serves one connection, and
 exits when that closes or its deadline passes.
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import cast
 
 HEADER = struct.Struct("!I")
+KINDS = ("blocking", "uvloop", "uvloop_each")
 
 
 def frame(payload: bytes) -> bytes:
@@ -93,10 +97,14 @@ def serve_blocking(listener: socket.socket, deadline_s: float) -> None:
 
 
 class EchoProtocol(asyncio.Protocol):
-    """One connection: parse frames as they arrive, write one batch of replies per read."""
+    """One connection: parse frames as they arrive, write one batch of replies per read.
 
-    def __init__(self, closed: asyncio.Future[None]) -> None:
+    With ``batch=False``, each reply frame gets its own ``transport.write``.
+    """
+
+    def __init__(self, closed: asyncio.Future[None], *, batch: bool = True) -> None:
         self._closed = closed
+        self._batch = batch
         self._parser = FrameParser()
         self._transport: asyncio.Transport | None = None
 
@@ -104,19 +112,26 @@ class EchoProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        replies = [frame(payload) for payload in self._parser.feed(data)]
-        if replies and self._transport is not None:
-            self._transport.write(b"".join(replies))
+        if self._transport is None:
+            return
+        if self._batch:
+            replies = [frame(payload) for payload in self._parser.feed(data)]
+            if replies:
+                self._transport.write(b"".join(replies))
+        else:
+            write = self._transport.write
+            for payload in self._parser.feed(data):
+                write(frame(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed.done():
             self._closed.set_result(None)
 
 
-async def serve_uvloop(listener: socket.socket, deadline_s: float) -> None:
+async def serve_uvloop(listener: socket.socket, deadline_s: float, *, batch: bool = True) -> None:
     loop = asyncio.get_running_loop()
     closed: asyncio.Future[None] = loop.create_future()
-    server = await loop.create_unix_server(lambda: EchoProtocol(closed), sock=listener)
+    server = await loop.create_unix_server(lambda: EchoProtocol(closed, batch=batch), sock=listener)
     try:
         await asyncio.wait_for(closed, deadline_s)
     finally:
@@ -130,7 +145,7 @@ def echo_server(kind: str, path: Path, *, deadline_s: float) -> Iterator[int]:
     On exit the server is waited for (it stops when the client closes), then
     terminated and killed by pid if it has not.
     """
-    if kind not in ("blocking", "uvloop"):
+    if kind not in KINDS:
         raise ValueError(f"unknown echo server kind {kind!r}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -170,7 +185,7 @@ def main(argv: list[str]) -> None:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_uvloop(listener, deadline_s))
+            runner.run(serve_uvloop(listener, deadline_s, batch=kind == "uvloop"))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ put 1.0 at the baseline, and bigger is always better.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias
@@ -244,6 +246,71 @@ class Stopwatch:
     def summary_us(self) -> dict[str, float]:
         us = [s / 1000.0 for s in self.samples_ns]
         return {"p50": percentile(us, 50), "p99": percentile(us, 99), "mean": sum(us) / len(us), "n": len(us)}
+
+
+def closed_loop_timing(ctx: Context) -> dict[str, float]:
+    """``closed_loop`` keywords shared by every throughput scenario, so they compare.
+
+    1 s of warm-up then three 1 s windows (0.3 s each with ``--quick``).
+    """
+    step = 0.3 if ctx.quick else 1.0
+    return {"warmup_s": step, "window_s": step, "windows": 3, "timeout_s": max(1.0, ctx.remaining_s() - 5.0)}
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[object]],
+    *,
+    concurrency: int,
+    warmup_s: float,
+    window_s: float,
+    windows: float,
+    timeout_s: float,
+) -> dict[str, float]:
+    """Requests per second with ``concurrency`` callers each awaiting ``call()`` in a loop.
+
+    Keeps exactly ``concurrency`` calls in flight (a caller starts its next
+    call when the last one returns), lets ``warmup_s`` pass, then counts the
+    calls completed in each of ``windows`` consecutive windows of ``window_s``
+    and returns their median rate as ``value`` with ``best`` and ``worst``.
+    Every caller then finishes its call in flight; a failing call, or no
+    progress before ``timeout_s``, raises.  Run it inside the event loop the
+    calls belong to.
+    """
+    done = 0
+    stop = False
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop:
+            await call()
+            done += 1
+
+    deadline = time.monotonic() + timeout_s
+    tasks = [asyncio.ensure_future(caller()) for _ in range(concurrency)]
+
+    async def pause(seconds: float) -> None:
+        finished, _ = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in finished:
+            task.result()  # a caller only ends early by raising
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"closed loop ran past its {timeout_s:.0f} s deadline")
+
+    try:
+        await pause(warmup_s)
+        rates = []
+        for _ in range(int(windows)):
+            count, t0 = done, time.perf_counter()
+            await pause(window_s)
+            rates.append((done - count) / (time.perf_counter() - t0))
+        if not any(rates):
+            raise RuntimeError("closed loop: no call completed in the measured windows")
+        stop = True
+        await asyncio.wait_for(asyncio.gather(*tasks), max(0.001, deadline - time.monotonic()))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"value": statistics.median(rates), "best": max(rates), "worst": min(rates)}
 
 
 def rss_bytes(pids: Iterable[int]) -> int:

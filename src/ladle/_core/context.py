@@ -10,7 +10,8 @@ The replica context is process-wide and set once when a replica starts.
 from __future__ import annotations
 
 import contextvars
-import uuid
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,13 @@ def set_replica(ctx: ReplicaContext | None) -> None:
     _replica_context.set(ctx)
 
 
+_id_prefix = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """Unique across processes: a random per-process prefix and a counter."""
+    return f"{_id_prefix}{next(_id_counter):08x}"
 
 
 # Multiplexed models loaded in this replica; the replica installs a listener so

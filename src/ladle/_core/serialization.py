@@ -10,7 +10,9 @@ bytes from an HTTP client.
 
 from __future__ import annotations
 
+import io
 import pickle
+import threading
 from typing import Any
 
 import cloudpickle
@@ -26,18 +28,44 @@ def dumps(obj: Any) -> bytes:
     return data
 
 
-def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Pickle ``obj`` with its large buffers kept aside (pickle protocol 5)."""
-    buffers: list[pickle.PickleBuffer] = []
+class _ReusablePickler(threading.local):
+    """One cloudpickle Pickler per thread, reused: building one costs more than using it."""
 
-    def keep_large(buf: pickle.PickleBuffer) -> bool:
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        self.buffers: list[pickle.PickleBuffer] = []
+        self.pickler = cloudpickle.Pickler(self.file, protocol=5, buffer_callback=self._keep)
+        self.busy = False
+
+    def _keep(self, buf: pickle.PickleBuffer) -> bool:
         if buf.raw().nbytes >= _OUT_OF_BAND_MIN_BYTES:
-            buffers.append(buf)
+            self.buffers.append(buf)
             return False
         return True
 
-    data: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
-    return data, buffers
+
+_local = _ReusablePickler()
+
+
+def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle ``obj`` with its large buffers kept aside (pickle protocol 5)."""
+    state = _local
+    if state.busy:  # re-entered from a __reduce__: use a fresh pickler
+        buffers: list[pickle.PickleBuffer] = []
+        data: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        return data, buffers
+    state.busy = True
+    f = state.file
+    try:
+        state.pickler.dump(obj)
+        data = f.getvalue()
+        buffers, state.buffers = state.buffers, []
+        return data, buffers
+    finally:
+        state.pickler.clear_memo()
+        f.seek(0)
+        f.truncate()
+        state.busy = False
 
 
 def describe_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

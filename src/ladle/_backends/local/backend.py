@@ -35,11 +35,27 @@ def default_run_root() -> Path:
 
 
 def make_private_dir(root: Path) -> Path:
+    """A new instance directory (0700) under ``root``, which must be ours."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if root.stat().st_uid != os.getuid():
         raise PermissionError(f"{root} belongs to another user; set LADLE_RUN_DIR")
     os.chmod(root, 0o700)
-    return Path(tempfile.mkdtemp(prefix="inst-", dir=root))
+    _remove_stale(root)
+    run_dir = Path(tempfile.mkdtemp(prefix="inst-", dir=root))
+    (run_dir / "owner.pid").write_text(str(os.getpid()))
+    return run_dir
+
+
+def _remove_stale(root: Path) -> None:
+    """Drop directories of instances whose owner died without cleaning up (e.g. SIGKILL)."""
+    for entry in root.glob("inst-*"):
+        try:
+            pid = int((entry / "owner.pid").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def _package_root() -> str:

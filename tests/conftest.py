@@ -1,0 +1,64 @@
+"""Fixtures every test shares: a clean instance per test, and no leaked processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from ladle import serve
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+        time.sleep(interval_s)
+
+
+def _children() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Shut the instance down after each test; any child process left is a failure."""
+    before = {p.pid for p in _children()}
+    yield
+    serve.shutdown()
+    deadline = time.monotonic() + 10
+    leaked: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        leaked = [p for p in _children() if p.pid not in before and _alive(p)]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    for proc in leaked:
+        proc.kill()
+    pytest.fail(f"test leaked processes: {[(p.pid, _cmdline(p)) for p in leaked]}")
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return "?"
