@@ -8,6 +8,8 @@ caller's latency against ``pingpong_thread_uvloop``, async throughput against
 awaited by one of 1000 callers: the least work any RPC does per message).
 ``pingpong_pipelined_batched`` answers each read with one write and is shown
 for information.  A message is 64 bytes behind a 4-byte length.
+``python_startup`` and ``python_idle_rss`` time and weigh bare interpreters,
+the baselines of the startup and memory scenarios.
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from contextlib import ExitStack
 from typing import cast
 
 import uvloop
 
 from echo import HEADER, FrameParser, echo_server, frame, recv_exact, set_recv_timeout
-from harness import Context, Stopwatch, closed_loop, closed_loop_timing, last_cpu, scenario
+from harness import (
+    Context,
+    Stopwatch,
+    closed_loop,
+    closed_loop_timing,
+    last_cpu,
+    pss_bytes,
+    rss_bytes,
+    scenario,
+)
+from spawn import PYTHON, first_line, hold
 
 PAYLOAD = b"x" * 64
 WINDOW = 1000  # frames in flight in the pipelined scenarios
@@ -237,6 +250,53 @@ def pingpong_pipelined(ctx: Context) -> dict[str, float]:
     with echo_server("uvloop_each", path, deadline_s=ctx.remaining_s()):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(_pipeline_futures(str(path), ctx))
+
+
+STARTUP_RUNS = (5, 2)  # fresh processes timed per startup figure (full, quick), after one untimed
+MB = 1024 * 1024
+
+
+def startup_figure(ctx: Context, cmd: list[str], check: str) -> dict[str, float]:
+    """Median seconds from ``Popen`` to cmd printing its first line, over fresh processes.
+
+    The first line must start with ``check``; anything after it that parses as
+    ``key=value`` pairs (seconds, measured by the child) is averaged into extras.
+    One untimed run first warms the page cache and bytecode caches.
+    """
+    runs = ctx.scale(*STARTUP_RUNS)
+    times: list[float] = []
+    extras: dict[str, list[float]] = {}
+    for i in range(runs + 1):
+        elapsed, line = first_line(cmd, stderr_path=ctx.tmp_dir / "stderr.txt", timeout_s=ctx.remaining_s())
+        word, *pairs = line.split()
+        if word != check:
+            raise RuntimeError(f"expected {check!r} first, the child printed {line!r}")
+        if i == 0:
+            continue
+        times.append(elapsed)
+        for key, _, value in (pair.partition("=") for pair in pairs):
+            extras.setdefault(key, []).append(float(value))
+    return {"value": statistics.median(times), "best": min(times), "worst": max(times), "n": runs,
+            **{key: statistics.median(values) for key, values in extras.items()}}
+
+
+@scenario("python_startup", "s", better="lower", timeout_s=60.0)
+def python_startup(ctx: Context) -> dict[str, float]:
+    """A fresh ``python -c "print(1)"``, from ``Popen`` to its output; median of 5 (2 quick)."""
+    return startup_figure(ctx, [PYTHON, "-c", "print(1)"], "1")
+
+
+@scenario("python_idle_rss", "MB", better="lower", timeout_s=30.0)
+def python_idle_rss(ctx: Context) -> dict[str, float]:
+    """RSS of three bare idle interpreters (``time.sleep``), summed, for reference."""
+    code = "import time; print('ready', flush=True); time.sleep(60)"
+    with ExitStack() as stack:
+        pids = [stack.enter_context(hold([PYTHON, "-c", code], stderr_path=ctx.tmp_dir / f"stderr{i}.txt",
+                                         timeout_s=ctx.remaining_s(), grace_s=0))[0] for i in range(3)]
+        time.sleep(ctx.scale(1, 0.3))
+        rss = [rss_bytes([pid]) / MB for pid in pids]
+        pss = pss_bytes(pids) / MB
+    return {"value": sum(rss), "per_process": statistics.median(rss), "pss": pss}
 
 
 async def _noop() -> None:

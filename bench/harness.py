@@ -56,6 +56,8 @@ class Scenario:
     baseline: str | None
     better: Better
     timeout_s: float
+    target: float | None = None
+    target_ratio: float | None = None
 
 
 @dataclass(slots=True)
@@ -64,6 +66,8 @@ class Result:
 
     ``ratio`` is None when there is no baseline or it could not be used
     (``note`` says why); ``error`` is set instead of ``value`` on failure.
+    ``met`` says whether the scenario's target was reached (None: no target,
+    or it could not be judged).
     """
 
     name: str
@@ -78,6 +82,9 @@ class Result:
     note: str | None = None
     error: str | None = None
     elapsed_s: float = 0.0
+    target: float | None = None
+    target_ratio: float | None = None
+    met: bool | None = None
 
 
 REGISTRY: dict[str, Scenario] = {}
@@ -90,6 +97,8 @@ def scenario(
     baseline: str | None = None,
     better: Better = "lower",
     timeout_s: float = 60.0,
+    target: float | None = None,
+    target_ratio: float | None = None,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register ``fn(ctx) -> float | {"p50": .., "p99": .., ...}`` as a scenario.
 
@@ -97,6 +106,11 @@ def scenario(
 
     ``baseline`` names a scenario (usually a ceiling) run first in the same
     run; the table shows this scenario's figure as a ratio of it.
+
+    ``target`` is an absolute goal for the figure (the p50 or value): met when
+    it is below the target for ``better="lower"``, at or above it for
+    ``"higher"``.  ``target_ratio`` is a goal for the ratio to the baseline
+    (bigger is better, e.g. 0.4 for "at least 40 % of the ceiling").
     """
     if better not in ("lower", "higher"):
         raise ValueError(f"scenario {name!r}: better must be 'lower' or 'higher', not {better!r}")
@@ -104,11 +118,13 @@ def scenario(
         raise ValueError(f"scenario {name!r} cannot be its own baseline")
     if timeout_s <= 0:
         raise ValueError(f"scenario {name!r}: timeout_s must be positive, not {timeout_s!r}")
+    if target_ratio is not None and baseline is None:
+        raise ValueError(f"scenario {name!r}: target_ratio needs a baseline")
 
     def register(fn: ScenarioFn) -> ScenarioFn:
         if name in REGISTRY:
             raise ValueError(f"scenario {name!r} is registered twice")
-        REGISTRY[name] = Scenario(name, unit, fn, baseline, better, timeout_s)
+        REGISTRY[name] = Scenario(name, unit, fn, baseline, better, timeout_s, target, target_ratio)
         return fn
 
     return register
@@ -137,7 +153,8 @@ def plan(names: Iterable[str] | None = None) -> list[Scenario]:
 
 
 def to_result(sc: Scenario, figure: Figure, elapsed_s: float) -> Result:
-    res = Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, elapsed_s=elapsed_s)
+    res = Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, elapsed_s=elapsed_s,
+                 target=sc.target, target_ratio=sc.target_ratio)
     if isinstance(figure, Mapping):
         extra = {k: float(v) for k, v in figure.items()}
         key = "p50" if "p50" in extra else "value"
@@ -174,6 +191,47 @@ def apply_baselines(results: list[Result]) -> None:
         r.ratio_p99 = ratio(r.p99, base.p99, r.better)
 
 
+def to_target(r: Result) -> float | None:
+    """The figure relative to its absolute target, oriented so >= 1.0 means met."""
+    if r.target is None or r.value is None or r.value <= 0 or r.target <= 0:
+        return None
+    return r.target / r.value if r.better == "lower" else r.value / r.target
+
+
+def apply_targets(results: list[Result]) -> None:
+    """Fill ``met`` from ``target`` and ``target_ratio``; call after ``apply_baselines``."""
+    for r in results:
+        if r.error is not None or (r.target is None and r.target_ratio is None):
+            continue
+        verdicts = []
+        if r.target is not None and r.value is not None:
+            verdicts.append(r.value < r.target if r.better == "lower" else r.value >= r.target)
+        if r.target_ratio is not None and r.ratio is not None:
+            verdicts.append(r.ratio >= r.target_ratio)
+        wanted = (r.target is not None) + (r.target_ratio is not None)
+        r.met = all(verdicts) if len(verdicts) == wanted else None
+
+
+def _met_text(r: Result) -> str:
+    if r.target is None and r.target_ratio is None:
+        return ""
+    if r.error is not None:
+        return "NO"
+    return {None: "n/a", True: "yes", False: "NO"}[r.met]
+
+
+def _target_text(r: Result) -> str:
+    parts = []
+    if r.target is not None:
+        parts.append(f"{'<' if r.better == 'lower' else '>='}{_fmt(r.target)}")
+        x = to_target(r)
+        if x is not None:
+            parts[-1] += f" ({x:.2f}x)"
+    if r.target_ratio is not None:
+        parts.append(f">={r.target_ratio:.2f}x base")
+    return ", ".join(parts)
+
+
 def _fmt(x: float | None) -> str:
     if x is None or math.isnan(x):
         return "-"
@@ -185,12 +243,13 @@ def _fmt(x: float | None) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    """The report: figure, p99, unit, baseline and ratio per scenario."""
-    head = ("scenario", "figure", "p99", "unit", "better", "baseline", "ratio", "time_s", "extra")
+    """The report: figure, p99, unit, baseline, ratio, target and whether it was met."""
+    head = ("scenario", "figure", "p99", "unit", "better", "baseline", "ratio", "target", "met", "time_s", "extra")
     rows: list[tuple[str, ...]] = []
     for r in results:
         if r.error is not None:
-            rows.append((r.name, "ERROR", "", r.unit, r.better, r.baseline or "", "", f"{r.elapsed_s:.1f}", r.error))
+            rows.append((r.name, "ERROR", "", r.unit, r.better, r.baseline or "", "", _target_text(r),
+                         _met_text(r), f"{r.elapsed_s:.1f}", r.error))
             continue
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         if r.ratio_p99 is not None:
@@ -199,7 +258,8 @@ def format_table(results: list[Result]) -> str:
             ratio = f"n/a ({r.note})" if r.note else "n/a"
         rows.append(
             (r.name, _fmt(r.value), _fmt(r.p99) if r.p99 is not None else "", r.unit, r.better,
-             r.baseline or "", ratio, f"{r.elapsed_s:.1f}", " ".join(f"{k}={_fmt(v)}" for k, v in r.extra.items()))
+             r.baseline or "", ratio, _target_text(r), _met_text(r), f"{r.elapsed_s:.1f}",
+             " ".join(f"{k}={_fmt(v)}" for k, v in r.extra.items()))
         )
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head) - 1)]
     lines = []
@@ -323,6 +383,21 @@ def rss_bytes(pids: Iterable[int]) -> int:
             continue
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+def pss_bytes(pids: Iterable[int]) -> int:
+    """Sum of proportional set sizes (shared pages split between sharers); gone pids count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
                 total += int(line.split()[1]) * 1024
                 break
     return total

@@ -32,6 +32,7 @@ from harness import (
     Result,
     Scenario,
     apply_baselines,
+    apply_targets,
     descendant_pids,
     format_table,
     plan,
@@ -119,11 +120,13 @@ def run_one(sc: Scenario, *, quick: bool) -> Result:
             reply = json.loads(result_path.read_text())
             error = reply.get("error")
         if error is not None:
-            return Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, error=error, elapsed_s=elapsed_s)
+            return Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, error=error, elapsed_s=elapsed_s,
+                          target=sc.target, target_ratio=sc.target_ratio)
         try:
             return to_result(sc, reply["figure"], elapsed_s)
         except (ValueError, TypeError) as exc:
-            return Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, error=str(exc), elapsed_s=elapsed_s)
+            return Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, error=str(exc), elapsed_s=elapsed_s,
+                          target=sc.target, target_ratio=sc.target_ratio)
 
 
 def _watch_parent() -> None:
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         status = f"ERROR {res.error}" if res.error else f"{res.value:.4g} {res.unit}"
         print(f"[{i}/{len(todo)}] {sc.name}: {status} ({res.elapsed_s:.1f} s)", file=sys.stderr, flush=True)
     apply_baselines(results)
+    apply_targets(results)
 
     print(f"\nladle bench ({mode}), {info['date']}, {info['cpus']} CPUs ({info['cpu']}), "
           f"Python {info['python']}, total {time.monotonic() - t0:.1f} s")

@@ -25,6 +25,20 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: 
         time.sleep(interval_s)
 
 
+def replica_pids() -> set[int]:
+    """Pids of the live replica processes (not the proxy) this test process started."""
+    pids = set()
+    for proc in _children():
+        try:
+            cmdline = proc.cmdline()
+            if ("ladle._backends.local.replica_main" in cmdline and cmdline[-1] != "proxy"
+                    and proc.status() != psutil.STATUS_ZOMBIE):
+                pids.add(proc.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
 def _children() -> list[psutil.Process]:
     try:
         return psutil.Process().children(recursive=True)

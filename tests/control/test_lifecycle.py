@@ -10,20 +10,9 @@ import pytest
 
 from ladle import serve
 from ladle.exceptions import DeploymentFailedError, RayServeException
-from tests.conftest import wait_for
+from tests.conftest import replica_pids, wait_for
 
 
-def replica_pids() -> set[int]:
-    """Pids of the replica processes this test process started (alive, not zombies)."""
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "ladle._backends.local.replica_main" in " ".join(proc.cmdline()) and (
-                    proc.status() != psutil.STATUS_ZOMBIE):
-                pids.add(proc.pid)
-        except psutil.Error:
-            pass
-    return pids
 
 
 def gone(pid: int) -> bool:

@@ -151,18 +151,46 @@ def test_await_from_driver_loop_and_second_loop_in_thread() -> None:
     assert outputs == {100: [1000, 1010, 1020, 1030, 1040, 110],
                        200: [2000, 2010, 2020, 2030, 2040, 210]}
 
-    # A response created outside any loop can be awaited inside one, and one
-    # created in one loop can be awaited in another.
+    # A response created outside any loop can be awaited inside one.
     outside = handle.remote(7)
     assert asyncio.run(_await(outside)) == 70
 
-    async def make() -> DeploymentResponse:
-        return handle.remote(8)
+    # One created in a loop that keeps running in another thread can be awaited
+    # in the driver's loop.
+    other = _LoopThread()
+    try:
+        async def make() -> DeploymentResponse:
+            return handle.remote(8)
 
-    made_in_other_loop = asyncio.run(make())
-    assert asyncio.run(_await(made_in_other_loop)) == 80
-    # Sync calls still work after those loops closed.
+        made_elsewhere = asyncio.run_coroutine_threadsafe(make(), other.loop).result(10)
+        assert asyncio.run(_await(made_elsewhere)) == 80
+    finally:
+        other.stop()
+    # Sync calls still work after those loops ended.
     assert handle.remote(9).result() == 90
+
+
+class _LoopThread:
+    """An event loop running in its own thread until stop()."""
+
+    def __init__(self) -> None:
+        started = threading.Event()
+        self._stop: asyncio.Event | None = None
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            started.set()
+            await self._stop.wait()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),))
+        self._thread.start()
+        assert started.wait(10)
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
 
 
 async def _await(response: DeploymentResponse) -> int:
@@ -175,7 +203,7 @@ class Downstream:
     def __call__(self, x: int) -> int:
         return x + 1
 
-    async def whoami(self) -> int:
+    async def whoami(self, _: object = None) -> int:
         return os.getpid()
 
 

@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,16 @@ from .._core.types import DeploymentID
 from .._serving import control_link
 from .._serving.handle import DeploymentHandle
 from .._serving.router import close_routers
-from .config import DEFAULT_ROUTE_PREFIX_UNSET, settings, validate_route_prefix
+from .._serving.proxy import ProxyConfig
+from .config import (
+    DEFAULT_ROUTE_PREFIX_UNSET,
+    HTTPOptions,
+    ProxyLocation,
+    normalize_proxy_location,
+    parse_http_options,
+    settings,
+    validate_route_prefix,
+)
 from .deployment import Application, Deployment
 from .status import ServeStatus, build_status
 
@@ -52,6 +62,16 @@ class _Instance:
             raise RuntimeError("This serve API can't be called from ladle's own loop.")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
+    def lookup(self, fn: Any, *args: Any) -> Any:
+        """Run a synchronous controller lookup on its loop (directly, if already on it)."""
+        if running_loop() is self.loop:
+            return fn(*args)  # user code of an in-process replica (local testing mode)
+        return self.call(_apply(fn, *args))
+
+
+async def _apply(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
 
 _instance: _Instance | None = None
 _lock = threading.RLock()
@@ -66,10 +86,19 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def _get_or_start(local_testing: bool = False) -> _Instance:
+def _get_or_start(local_testing: bool = False, http: HTTPOptions | None = None) -> _Instance:
+    """This process's instance, started if needed.
+
+    ``http`` given means the user asked for these HTTP options (``serve.start``):
+    a port that can't be bound is then an error; with the defaults it is only a
+    warning, so applications stay usable from Python.
+    """
     global _instance
     with _lock:
         if _instance is not None:
+            if http is not None:
+                logger.warning("ladle is already running in this process; the new "
+                               "http_options are ignored (call serve.shutdown() first).")
             if _instance.local_testing != local_testing:
                 raise LadleError(
                     "A ladle instance is already running "
@@ -91,21 +120,81 @@ def _get_or_start(local_testing: bool = False) -> _Instance:
                 backend = LocalBackend(make_private_dir(Path(root)) if root else None)
             controller = Controller(backend)
             await controller.start()
+            options = http or HTTPOptions()
+            if local_testing or options.location == ProxyLocation.Disabled:
+                return controller
+            try:
+                port = await controller.start_proxy(_proxy_config(options))
+            except LadleError as exc:
+                if http is not None:
+                    await controller.shutdown()
+                    raise
+                logger.warning("%s Applications are reachable from Python only.", exc)
+            else:
+                logger.info("HTTP proxy listening on http://%s:%d", options.host, port)
             return controller
 
         controller = asyncio.run_coroutine_threadsafe(boot(), loop).result()
         hub.closed = None
         _instance = _Instance(controller, local_testing)
         atexit.register(_shutdown_at_exit)
+        root = _current_root(controller)
+        if root is not None:
+            from .._backends.local import current
+
+            current.record(root, controller.address)
         return _instance
 
 
+def _current_root(controller: Controller) -> Path | None:
+    """Where the ``current`` file for `ladle status`/`shutdown` goes (local backend only)."""
+    run_dir = getattr(controller.backend, "run_dir", None)
+    return None if run_dir is None else Path(run_dir).parent
+
+
+def running() -> bool:
+    """Whether this process's instance is up (False once shut down, here or by `ladle shutdown`)."""
+    instance = _instance
+    return instance is not None and not instance.controller.closed
+
+
+def _proxy_config(options: HTTPOptions) -> ProxyConfig:
+    middlewares = []
+    for middleware in options.middlewares:
+        if not hasattr(middleware, "cls"):
+            raise TypeError("http_options['middlewares'] takes starlette Middleware(...) "
+                            f"objects, got {middleware!r}.")
+        middlewares.append((middleware.cls, tuple(middleware.args), dict(middleware.kwargs)))
+    return ProxyConfig(
+        host=options.host, port=options.port, root_path=options.root_path,
+        request_timeout_s=options.request_timeout_s,
+        keep_alive_timeout_s=options.keep_alive_timeout_s,
+        max_request_body_bytes=options.max_request_body_bytes, middlewares=tuple(middlewares),
+        debug=options.debug or settings().debug, access_log=settings().http_access_log)
+
+
 def start(*, http_options: Any = None, proxy_location: Any = None, detached: bool = False,
-          _local_testing_mode: bool = False, **kwargs: Any) -> None:
-    """Start the ladle instance of this process (``serve.run`` does it when needed)."""
+          grpc_options: Any = None, _local_testing_mode: bool = False, **kwargs: Any) -> None:
+    """Start this process's instance with HTTP options (``serve.run`` starts one if needed).
+
+    Example:
+        ``serve.start(http_options={"host": "127.0.0.1", "port": 8001})``
+    """
     if kwargs:
         raise TypeError(f"serve.start() got unexpected arguments: {sorted(kwargs)}")
-    _get_or_start(_local_testing_mode)
+    options = parse_http_options(http_options)
+    if proxy_location is not None:
+        options = options.model_copy(
+            update={"location": normalize_proxy_location(proxy_location)})
+    _proxy_config(options)  # bad middlewares fail here, before anything starts
+    _get_or_start(_local_testing_mode, options)
+
+
+def http_port() -> int | None:
+    """The port the HTTP proxy of this process's instance listens on (None without one)."""
+    if _instance is None:
+        return None
+    return _instance.controller.http_port
 
 
 # ------------------------------------------------------------------ run/delete
@@ -205,7 +294,7 @@ def build_app_target(app: Application, name: str, route_prefix: str | None) -> A
     def make_target(dep: Deployment, dname: str, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> DeploymentTarget:
         try:
-            code = cloudpickle.dumps(dep.func_or_class)
+            code = _serialize_code(dep.func_or_class)
         except Exception as exc:
             raise TypeError(f"Could not serialize deployment '{dname}' "
                             f"({dep.func_or_class!r}): {exc}") from exc
@@ -244,6 +333,19 @@ def build_app_target(app: Application, name: str, route_prefix: str | None) -> A
     return AppTarget(name, route_prefix, ingress, tuple(targets.values()))
 
 
+# Serialized code by class/function.  Unpickling a by-value class in this process (local
+# testing mode) updates the class in place and changes its next pickle's bytes, which would
+# make the same code look like a new version (restarting replicas on a user_config change).
+_serialized_code: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
+def _serialize_code(func_or_class: Any) -> bytes:
+    code = _serialized_code.get(func_or_class)
+    if code is None:
+        code = _serialized_code[func_or_class] = cloudpickle.dumps(func_or_class)
+    return code
+
+
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete an application: its replicas drain and stop."""
     instance = _instance
@@ -265,6 +367,11 @@ def shutdown() -> None:
             instance.call(instance.controller.shutdown(), timeout_s=60)
         finally:
             hub.clear()
+            root = _current_root(instance.controller)
+            if root is not None:
+                from .._backends.local import current
+
+                current.forget(root, instance.controller.address)
 
 
 def _shutdown_at_exit() -> None:
@@ -277,15 +384,11 @@ def _shutdown_at_exit() -> None:
 def status() -> ServeStatus:
     """Applications and deployments with their statuses and replica counts."""
     if _instance is not None:
-        raw = _instance.call(_call_controller_status(_instance.controller))
+        raw = _instance.lookup(_instance.controller.status)
     else:
         link = control_link.current_link()
         raw = link.call_sync("status") if link is not None else {"applications": {}}
     return build_status(raw)
-
-
-async def _call_controller_status(controller: Controller) -> dict[str, Any]:
-    return controller.status()
 
 
 # -------------------------------------------------------------------- handles
@@ -296,21 +399,13 @@ def get_app_handle(name: str) -> DeploymentHandle:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if _instance is not None:
-        ingress = _instance.call(_ingress(_instance.controller, name))
+        ingress = _instance.lookup(_instance.controller.ingress, name)
         return DeploymentHandle(ingress.name, name)
     link = control_link.current_link()
     if link is None:
         raise LadleError(f"Application '{name}' does not exist: no ladle instance is running.")
     ingress = link.call_sync("ingress", name)
     return DeploymentHandle(ingress.name, name)
-
-
-async def _ingress(controller: Controller, name: str) -> DeploymentID:
-    return controller.ingress(name)
-
-
-async def _has(controller: Controller, deployment_id: DeploymentID) -> bool:
-    return controller.has_deployment(deployment_id)
 
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None,
@@ -323,7 +418,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None,
     deployment_id = DeploymentID(deployment_name, app_name)
     if _check_exists:
         if _instance is not None:
-            exists = _instance.call(_has(_instance.controller, deployment_id))
+            exists = _instance.lookup(_instance.controller.has_deployment, deployment_id)
         else:
             link = control_link.current_link()
             exists = link.call_sync("has_deployment", deployment_id) if link else False
@@ -362,5 +457,5 @@ def instance_pids() -> dict[str, int]:
 def status_raw() -> dict[str, Any]:
     if _instance is None:
         return {"applications": {}, "pids": {}}
-    result: dict[str, Any] = _instance.call(_call_controller_status(_instance.controller))
+    result: dict[str, Any] = _instance.lookup(_instance.controller.status)
     return result

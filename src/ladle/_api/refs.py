@@ -52,9 +52,12 @@ def wait(refs: list[Any], *, num_returns: int = 1, timeout: float | None = None,
         if remaining is not None and remaining <= 0:
             break
         _wait_any(pending, remaining)
+    # As ray.wait: at most num_returns come back ready (the first ones in input
+    # order); the rest, ready or not, are in the second list.
     done = set(map(id, ready))
-    return ([r for r in refs if id(r) in done][:max(num_returns, len(ready))],
-            [r for r in refs if id(r) not in done])
+    chosen = [r for r in refs if id(r) in done][:num_returns]
+    taken = set(map(id, chosen))
+    return chosen, [r for r in refs if id(r) not in taken]
 
 
 def _wait_any(pending: list[DeploymentResponse], timeout_s: float | None) -> None:

@@ -11,15 +11,23 @@ the controller's event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from .._core.errors import LadleError, RequestCancelledError
 from .._core.snapshots import ROUTES, hub
-from .._core.transport import Backend, ReplySink
+from .._core.transport import Backend, Remote, ReplySink, connect
 from .._core.types import DeploymentID, DeploymentSnapshot, RouteTable
+from .._serving.proxy import Proxy, ProxyConfig
 from .deployment_state import DeploymentState, DeploymentTarget
+
+logger = logging.getLogger("ladle")
+_PROXY = "proxy"
+_PROXY_START_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,10 @@ class Controller:
         self.address = ""
         self._apps: dict[str, _App] = {}
         self._closed = False
+        self._proxy_config: ProxyConfig | None = None
+        self._proxy: Remote | None = None
+        self.http_port: int | None = None
+        self._proxy_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.address = await self.backend.listen(_ControlServer(self), name="controller")
@@ -68,7 +80,7 @@ class Controller:
         removed = [name for name in app.deployments if name not in wanted]
         for name in removed:
             await app.deployments.pop(name).delete()
-        waits = []
+        waits: list[Any] = []
         for dtarget in target.deployments:
             state = app.deployments.get(dtarget.deployment_id.name)
             if state is None:
@@ -112,10 +124,71 @@ class Controller:
         self._publish_routes()
         await asyncio.gather(*(s.delete() for s in app.deployments.values()))
 
+    @property
+    def closed(self) -> bool:
+        """True once shutdown has begun (from this process or over the control socket)."""
+        return self._closed
+
     async def shutdown(self) -> None:
         self._closed = True
+        await self._stop_proxy()
         await asyncio.gather(*(self.delete(name) for name in list(self._apps)))
         await self.backend.aclose()
+
+    # ------------------------------------------------------------------- proxy
+
+    async def start_proxy(self, config: ProxyConfig) -> int:
+        """Start the HTTP proxy; return its port. Raises if it can't listen."""
+        config = dataclasses.replace(config, controller_address=self._replica_link_address())
+        port = await self._spawn_proxy(config)
+        # A restarted proxy must come back on the same port, even if 0 was asked for.
+        self._proxy_config = dataclasses.replace(config, port=port)
+        return port
+
+    async def _spawn_proxy(self, config: ProxyConfig) -> int:
+        address = await self.backend.spawn(functools.partial(Proxy, config), name=_PROXY,
+                                           on_exit=self._on_proxy_exit)
+        remote = await connect(address)
+        try:
+            info = await asyncio.wait_for(remote.call("__ladle_ready__"), _PROXY_START_TIMEOUT_S)
+        except BaseException:
+            await remote.aclose()
+            await self.backend.stop(_PROXY, timeout_s=2.0)
+            raise
+        self._proxy = remote
+        self.http_port = int(info["port"])
+        return self.http_port
+
+    def _on_proxy_exit(self, name: str) -> None:
+        self._proxy = None
+        if self._closed or self._proxy_config is None:
+            return
+        logger.warning("The HTTP proxy exited; restarting it on port %s.", self.http_port)
+        task = asyncio.get_running_loop().create_task(self._restart_proxy(self._proxy_config))
+        self._proxy_tasks.add(task)
+        task.add_done_callback(self._proxy_tasks.discard)
+
+    async def _restart_proxy(self, config: ProxyConfig) -> None:
+        for attempt in range(20):
+            if self._closed or self._proxy_config is not config:
+                return
+            try:
+                await self._spawn_proxy(config)
+                return
+            except Exception as exc:
+                logger.warning("Restarting the HTTP proxy failed (%s); retrying.", exc)
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
+
+    async def _stop_proxy(self) -> None:
+        self._proxy_config = None
+        remote, self._proxy = self._proxy, None
+        if remote is not None:
+            try:
+                await asyncio.wait_for(remote.call("__ladle_stop__"), 5.0)
+            except Exception:
+                pass
+            await remote.aclose()
+        await self.backend.stop(_PROXY, timeout_s=5.0)
 
     # --------------------------------------------------------------- lookups
 
@@ -151,7 +224,10 @@ class Controller:
             apps[name] = {"status": status, "message": app.message,
                           "route_prefix": app.target.route_prefix,
                           "ingress": app.target.ingress, "deployments": deployments}
-        return {"applications": apps, "pids": self.backend.pids()}
+        proxies = {"local": "HEALTHY" if self._proxy is not None else "UNHEALTHY"} \
+            if self._proxy_config is not None else {}
+        return {"applications": apps, "pids": self.backend.pids(), "proxies": proxies,
+                "http_port": self.http_port}
 
     def _publish_routes(self) -> None:
         routes = tuple(sorted(

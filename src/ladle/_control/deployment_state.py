@@ -13,12 +13,11 @@ import asyncio
 import functools
 import logging
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .._core.errors import DeploymentFailedError
+from .._core.errors import DeploymentFailedError, RemoteTraceback, user_traceback
 from .._core.snapshots import hub
 from .._core.transport import Backend, Remote, connect
 from .._core.types import DeploymentID, DeploymentSnapshot, ReplicaInfo, ReplicaStats
@@ -217,16 +216,16 @@ class DeploymentState:
         if rec.state == STOPPING or self._deleted:
             return
         self._spawn(self._stop_replica(rec, graceful=False))
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        remote_tb = exc.__cause__.tb if isinstance(exc.__cause__, RemoteTraceback) else None
+        detail = remote_tb or user_traceback(exc)
         self.message = (f"Replica {rec.replica_id} of deployment '{self.deployment_id.name}' "
-                        f"failed to start:\n{tb}")
+                        f"failed to start:\n{detail}")
         self._consecutive_failures += 1
         if not self._ever_ready:
             # A deploy in progress fails as a whole: serve.run raises with the user's traceback.
             self.status = "DEPLOY_FAILED"
-            err = DeploymentFailedError(self.message)
-            err.__cause__ = exc
-            self.failed_error = err
+            # The message holds the user's traceback; chaining would print it twice.
+            self.failed_error = DeploymentFailedError(self.message)
             for other in list(self.replicas.values()):
                 if other.state == STARTING and other is not rec:
                     self._spawn(self._stop_replica(other, graceful=False))

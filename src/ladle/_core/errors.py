@@ -107,9 +107,21 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
+_PACKAGE_DIR = __file__.rsplit("/", 2)[0] + "/"
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback as the user should read it: without ladle's own outer frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and \
+            tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def pack_exception(exc: BaseException) -> tuple[bytes, str]:
     """What an error frame carries: the pickled exception (or a RemoteError) and its traceback."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = user_traceback(exc)
     try:
         data = pickle.dumps(exc, protocol=5)
         pickle.loads(data)  # an exception that pickles but won't load is no better

@@ -9,10 +9,12 @@ this process's snapshot hub.  It also answers lookups (``get_app_handle``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Hashable
 from typing import Any
 
 from .._core.context import new_request_id
+from .._core.loop import running_loop as _running_loop
 from .._core.snapshots import hub
 from .._core.transport import Remote, connect
 
@@ -74,8 +76,21 @@ class ControlLink:
         return await asyncio.wrap_future(fut)
 
     def call_sync(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        if _running_loop() is self._loop:
+            # The reply would arrive on this very loop, which we are about to block
+            # (user code calling serve.get_app_handle() in `__init__` or an async
+            # method): ask over a private connection from another thread instead.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                return pool.submit(asyncio.run, self._call_once(method, *args)).result(timeout_s)
         fut = asyncio.run_coroutine_threadsafe(self._call_here(method, *args), self._loop)
         return fut.result(timeout_s)
+
+    async def _call_once(self, method: str, *args: Any) -> Any:
+        remote = await connect(self.address)
+        try:
+            return await remote.call(method, *args)
+        finally:
+            await remote.aclose()
 
     async def _call_here(self, method: str, *args: Any) -> Any:
         return await (await self.remote()).call(method, *args)

@@ -112,10 +112,9 @@ class DeploymentHandle:
             ``handle2.remote(handle1.remote(1))`` to compose without waiting.
         """
         opts = self.handle_options
-        loop = _get_running_loop()
-        threaded = loop is None
-        if threaded:
-            loop = background_loop()
+        running = _get_running_loop()
+        threaded = running is None
+        loop = background_loop() if running is None else running
         if loop is self._loop and self._router is not None:
             router = self._router
         else:
@@ -370,7 +369,7 @@ def _bridge_future(fut: Any, loop: asyncio.AbstractEventLoop, threaded: bool = F
         if src.cancelled():
             out.cancel()
         elif src.exception() is not None:
-            out.set_exception(src.exception())  # type: ignore[arg-type]
+            out.set_exception(src.exception())
         else:
             out.set_result(src.result())
 

@@ -26,6 +26,7 @@ from .._core.transport import ReplySink
 from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
 from .._core.snapshots import hub
 from . import control_link
+from .asgi import APP_ATTR, HTTP_METHOD, bind_ingress_app, serve_http
 from .user_code import UserCallable
 
 
@@ -97,6 +98,8 @@ class Replica:
             if inspect.isawaitable(obj):  # an async factory
                 obj = await obj
         self._user = UserCallable(obj, spec.is_function, spec.deployment_id.name, self._executor)
+        if not spec.is_function and hasattr(type(obj), APP_ATTR):
+            self._user.asgi_app = bind_ingress_app(obj)
         self._install_context(obj)
         if spec.user_config is not None:
             await self._reconfigure(spec.user_config)
@@ -197,8 +200,12 @@ class Replica:
                 await self._wait_ready()
             user = self._user
             assert user is not None
-            fn, kind = user.method(meta[1])
-            await user.stream(fn, kind, args, kwargs, sink, meta[1])
+            if meta[1] == HTTP_METHOD:
+                await serve_http(user, args[0], args[1], sink, self.spec.deployment_id.name,
+                                 self.spec.extras.get("debug", False))
+            else:
+                fn, kind = user.method(meta[1])
+                await user.stream(fn, kind, args, kwargs, sink, meta[1])
         except asyncio.CancelledError:
             _cancel_children(ctx)
             sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))

@@ -110,7 +110,7 @@ class Router:
     def assign(self, req: Request) -> None:
         """Send ``req`` now if a replica has room, else queue it (on this router's loop)."""
         if not self._queue:
-            slot = choose_replica(self._routable, req.model_id)
+            slot = self._choose(req.model_id)
             if slot is not None:
                 self._send(slot, req)
                 return
@@ -168,10 +168,19 @@ class Router:
         req.args = ()
         req.kwargs = {}
 
+    def _choose(self, model_id: str) -> _Slot | None:
+        slot = choose_replica(self._routable, model_id)
+        if (slot is not None and model_id and model_id not in slot.model_ids
+                and any(model_id in s.model_ids for s in self._slots.values() if not s.routable)):
+            # A replica holding the model is still connecting (a new router):
+            # wait for it rather than load the model a second time elsewhere.
+            return None
+        return slot
+
     def _dispatch(self) -> None:
         queue = self._queue
         while queue:
-            slot = choose_replica(self._routable, queue[0].model_id)
+            slot = self._choose(queue[0].model_id)
             if slot is None:
                 return
             self._send(slot, queue.popleft())
@@ -188,18 +197,19 @@ class Router:
         else:
             self._closed_error = None
         live = {r.replica_id: r for r in snapshot.replicas}
-        for replica_id, slot in list(self._slots.items()):
+        for replica_id, gone in list(self._slots.items()):
             if replica_id not in live:
-                self._drop(slot)
+                self._drop(gone)
         for replica_id, info in live.items():
-            slot = self._slots.get(replica_id)
-            if slot is None:
+            existing = self._slots.get(replica_id)
+            if existing is None:
                 slot = _Slot(info, self)
                 self._slots[replica_id] = slot
                 self._spawn(self._connect(slot))
             else:
-                slot.info = info
-                slot.model_ids.update(info.multiplexed_model_ids)
+                existing.info = info
+                existing.model_ids.update(info.multiplexed_model_ids)
+        self._dispatch()  # requests may have waited for a replica that is gone
 
     async def _connect(self, slot: _Slot) -> None:
         for _ in range(_CONNECT_ATTEMPTS):
@@ -220,6 +230,7 @@ class Router:
             self._dispatch()
             return
         self._drop(slot)
+        self._dispatch()
 
     def _drop(self, slot: _Slot) -> None:
         """Stop routing to ``slot``; close its connection once nothing is in flight."""
@@ -256,6 +267,14 @@ class Router:
         for slot in list(self._routable):
             self._drop(slot)
 
+    async def aclose(self, exc: BaseException | None = None) -> None:
+        """``close()``, then wait until every connection is closed (the loop is ending)."""
+        remotes = [s.remote for s in self._slots.values() if s.remote is not None]
+        self.close(exc)
+        await asyncio.gather(*(r.aclose() for r in remotes), *self._tasks,
+                             return_exceptions=True)
+        await asyncio.sleep(0)  # the transports finish closing on the next iteration
+
     def statistics(self) -> dict[str, Any]:
         return {"queued": len(self._queue),
                 "in_flight": {s.info.replica_id: s.in_flight for s in self._slots.values()}}
@@ -270,6 +289,8 @@ def router_for(deployment_id: DeploymentID, loop: asyncio.AbstractEventLoop) -> 
     per_loop = _routers.get(loop)
     if per_loop is None:
         per_loop = _routers[loop] = {}
+        if asyncio._get_running_loop() is loop:
+            _close_with_loop(loop, per_loop)
     router = per_loop.get(deployment_id)
     if router is None:
         router = per_loop[deployment_id] = Router(deployment_id, loop)
@@ -286,3 +307,38 @@ def close_routers(exc: BaseException | None = None) -> None:
                 loop.call_soon_threadsafe(router.close, exc)
             except RuntimeError:
                 pass
+
+
+# One parked async generator per caller loop: see _close_with_loop.
+_loop_hooks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+    weakref.WeakKeyDictionary())
+
+
+def _close_with_loop(loop: asyncio.AbstractEventLoop,
+                     per_loop: dict[DeploymentID, Router]) -> None:
+    """Close ``loop``'s routers when the loop ends (``asyncio.run``, pytest-asyncio).
+
+    asyncio has no close hook, but a loop finalizes its live async generators
+    (``shutdown_asyncgens``) before closing: a generator parked at its first
+    ``yield`` is that hook.  Without it the connections opened on a loop that
+    ended stay open until garbage collection (ResourceWarning), and its
+    routers, which reference the loop, are never freed.
+    """
+    async def on_loop_end() -> Any:
+        try:
+            yield
+        finally:
+            _loop_hooks.pop(loop, None)
+            if _routers.get(loop) is per_loop:
+                del _routers[loop]
+            routers = list(per_loop.values())
+            per_loop.clear()
+            for router in routers:
+                await router.aclose(HandleClosedError("The event loop of this handle ended."))
+
+    hook = on_loop_end()
+    try:
+        hook.asend(None).send(None)  # runs to the yield; registers with the loop
+    except StopIteration:
+        pass
+    _loop_hooks[loop] = hook

@@ -48,6 +48,8 @@ class UserCallable:
         self._name = name
         self._executor = executor
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
+        # The ASGI app of an ingress deployment, bound to this instance.
+        self.asgi_app: Any = None
 
     def method(self, name: str) -> tuple[Callable[..., Any], int]:
         found = self._methods.get(name)

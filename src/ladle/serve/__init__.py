@@ -11,6 +11,7 @@ from .._api.context import get_replica_context as get_replica_context
 from .._api.deployment import Application as Application
 from .._api.deployment import Deployment as Deployment
 from .._api.deployment import deployment as deployment
+from .._api.ingress import ingress as ingress
 from .._api.lifecycle import delete as delete
 from .._api.lifecycle import get_app_handle as get_app_handle
 from .._api.lifecycle import get_deployment_handle as get_deployment_handle
@@ -38,6 +39,7 @@ __all__ = [
     "get_multiplexed_model_id",
     "get_replica_context",
     "handle",
+    "ingress",
     "multiplexed",
     "run",
     "shutdown",

@@ -99,7 +99,7 @@ class LocalBackend:
         try:
             payload = cloudpickle.dumps((list(sys.path), os.getcwd(), cloudpickle.dumps(target)))
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ladle._backends.local.replica_main", str(sock.fileno()),
+                sys.executable, "-m", "ladle._backends.local.replica_main", str(sock.fileno()), name,
                 stdin=asyncio.subprocess.PIPE, pass_fds=(sock.fileno(),), env=self._env)
         finally:
             sock.close()

@@ -1,4 +1,6 @@
-"""Entry point of a local-backend child process: ``python -m ...replica_main FD``.
+"""Entry point of a local-backend child process: ``python -m ...replica_main FD NAME``.
+
+NAME (a replica id, or ``proxy``) is only there so ``ps`` shows who is who.
 
 Reads ``(sys.path, cwd, pickled factory)`` from stdin, serves the built
 ``Servable`` on the inherited listening socket, and exits when it is told to

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..._core.context import new_request_id
 from ..._core.errors import (
+    LadleError,
     ReplicaDiedError,
     RequestCancelledError,
     pack_exception,
@@ -173,6 +174,8 @@ class Connection(_FramedProtocol):
         self._next_key = key + 1
         try:
             parts = _encode(kind, key, payload)
+        except LadleError:
+            raise  # already says what is wrong (e.g. a DeploymentResponse nested in a list)
         except Exception as exc:
             raise TypeError(
                 f"Could not serialize the request: {describe_unpicklable(args, kwargs)}"
@@ -228,11 +231,11 @@ class Connection(_FramedProtocol):
             target.end()
         elif kind == ERROR:
             exc_bytes, tb = _decode(payload, oob)
-            exc = unpack_exception(exc_bytes, tb)
+            error = unpack_exception(exc_bytes, tb)
             if is_stream:
-                target.fail(exc)
+                target.fail(error)
             elif not target.done():
-                target.set_exception(exc)
+                target.set_exception(error)
         if on_done is not None:
             on_done()
 

@@ -1,0 +1,218 @@
+"""HTTP inside a replica: run one proxied request through the user's code.
+
+The proxy sends the request's ASGI scope and body; the replica answers with
+the ASGI messages of the response, streamed back item by item.  An ingress
+deployment (``@serve.ingress``) runs its ASGI app; any other deployment gets
+a ``starlette.requests.Request`` and its return value is turned into a
+response (``str`` → text, ``bytes`` → raw, a ``Response`` as is, anything
+else → JSON).  Starlette is imported on the first HTTP request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import traceback
+from typing import Any
+
+from .._core.errors import LadleError
+from .._core.transport import ReplySink
+from .user_code import UserCallable
+
+logger = logging.getLogger("ladle.replica")
+
+# The method names proxies call: dunder names are not callable user methods.
+HTTP_METHOD = "__serve_http__"
+WEBSOCKET_METHOD = "__serve_websocket__"
+# Set by @serve.ingress: the app on the class, and which class owns which route.
+APP_ATTR = "__ladle_asgi_app__"
+OWNER_ATTR = "__ladle_ingress_owner__"
+OWNER_CLASS_ATTR = "__ladle_ingress_class__"
+
+
+class _Responder:
+    """The ASGI ``send`` of a proxied request: forwards messages as stream items."""
+
+    __slots__ = ("_sink", "started", "_start")
+
+    def __init__(self, sink: ReplySink) -> None:
+        self._sink = sink
+        self.started = False
+        self._start: dict[str, Any] | None = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            # Held back so a small response travels as one item with its body.
+            self._start = message
+            self.started = True
+            return
+        if kind == "http.response.body" and self._start is not None:
+            item: Any = (self._start, message)
+            self._start = None
+        else:
+            item = message
+        if not self._sink.item(item):
+            await self._sink.wait_credit()
+
+    async def flush(self) -> None:
+        if self._start is not None:
+            start, self._start = self._start, None
+            if not self._sink.item((start, {"type": "http.response.body", "body": b""})):
+                await self._sink.wait_credit()
+
+
+async def serve_http(user: UserCallable, scope: dict[str, Any], body: bytes, sink: ReplySink,
+                     deployment: str, debug: bool) -> None:
+    """Answer one HTTP request; errors become 500 (or the error's own status)."""
+    responder = _Responder(sink)
+    body_sent = False
+    disconnected = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnected.wait()  # the request is cancelled when the client goes away
+        return {"type": "http.disconnect"}
+
+    try:
+        app = user.asgi_app
+        if app is not None:
+            await app(scope, receive, responder.send)
+        else:
+            await _call_plain(user, scope, receive, responder.send)
+        await responder.flush()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        status = exc.status_code if isinstance(exc, LadleError) else 500
+        logger.error("Request to deployment '%s' failed:\n%s", deployment,
+                     "".join(traceback.format_exception(exc)))
+        if responder.started:
+            raise  # headers are out: the proxy can only cut the response short
+        text = "".join(traceback.format_exception(exc)) if debug else _reason(status)
+        await _send_text(responder, status, text)
+    sink.end()
+
+
+async def _call_plain(user: UserCallable, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    from starlette.requests import Request
+
+    request = Request(scope, receive)
+    fn, kind = user.method("__call__")
+    result = await user.call(fn, kind, (request,), {}, "__call__")
+    response = to_response(result)
+    await response(scope, receive, send)
+
+
+def to_response(result: Any) -> Any:
+    """A Starlette Response for what a deployment returned."""
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, str):
+        return PlainTextResponse(result)
+    if isinstance(result, bytes | bytearray | memoryview):
+        return Response(bytes(result), media_type="application/octet-stream")
+    try:
+        return JSONResponse(result)
+    except (TypeError, ValueError):
+        from fastapi.encoders import jsonable_encoder
+
+        return JSONResponse(jsonable_encoder(result))
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+async def _send_text(responder: _Responder, status: int, text: str) -> None:
+    body = text.encode()
+    await responder.send({"type": "http.response.start", "status": status,
+                          "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                      (b"content-length", str(len(body)).encode())]})
+    await responder.send({"type": "http.response.body", "body": body})
+
+
+async def serve_websocket(user: UserCallable, scope: dict[str, Any], sink: ReplySink,
+                          inbox: Any) -> None:
+    """Run a WebSocket route; messages from the client arrive through ``inbox``."""
+    app = user.asgi_app
+    if app is None:
+        raise TypeError("WebSockets need an ingress deployment (`@serve.ingress(app)`).")
+
+    async def send(message: dict[str, Any]) -> None:
+        if not sink.item(message):
+            await sink.wait_credit()
+
+    await app(scope, inbox.get, send)
+    sink.end()
+
+
+def bind_ingress_app(instance: Any) -> Any:
+    """The ASGI app for one replica's instance (None if the class has no ingress).
+
+    A private copy of the app whose class-defined routes call this instance (so
+    ``self`` works), without the routes of other ingress classes sharing the app.
+    """
+    cls = type(instance)
+    app = getattr(cls, APP_ATTR, None)
+    if app is None:
+        return None
+    owner = getattr(cls, OWNER_CLASS_ATTR, None)
+    routes = getattr(app, "routes", None)
+    if routes is None or not hasattr(app, "router"):
+        return app  # a plain ASGI app: served as is
+    bound_routes = []
+    for route in routes:
+        endpoint = getattr(route, "endpoint", None)
+        route_owner = getattr(endpoint, OWNER_ATTR, None)
+        if route_owner is None:
+            bound_routes.append(route)
+        elif route_owner == owner:
+            bound_routes.append(_rebind(route, getattr(instance, endpoint.__name__)))
+    private = copy.copy(app)
+    router = private.router = copy.copy(app.router)
+    router.routes = bound_routes
+    if getattr(getattr(router, "middleware_stack", None), "__self__", None) is app.router:
+        # Starlette's Router dispatches through a stack built around its own bound
+        # `app` method; point it at the copy, or the original routes would answer.
+        router.middleware_stack = router.app
+    private.middleware_stack = None
+    if hasattr(private, "openapi_schema") and hasattr(private, "setup"):
+        # FastAPI's /openapi.json and /docs routes close over the app they were made
+        # for: make them again for the copy, so the schema shows the bound routes.
+        generated = {getattr(app, attr, None) for attr in
+                     ("openapi_url", "docs_url", "redoc_url", "swagger_ui_oauth2_redirect_url")}
+        router.routes = [r for r in bound_routes if getattr(r, "path", None) not in generated]
+        private.openapi_schema = None
+        private.setup()
+    return private
+
+
+def _rebind(route: Any, bound_method: Any) -> Any:
+    """The same route with ``self`` bound: rebuilt from its own attributes."""
+    route_cls = type(route)
+    params = inspect.signature(route_cls.__init__).parameters
+    kwargs = {}
+    for name, param in params.items():
+        if name in ("self", "path", "endpoint") or param.kind in (
+                param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if hasattr(route, name):
+            kwargs[name] = getattr(route, name)
+    if "dependency_overrides_provider" in params and "dependency_overrides_provider" not in kwargs:
+        kwargs["dependency_overrides_provider"] = getattr(route, "dependency_overrides_provider",
+                                                          None)
+    path = getattr(route, "path", None)
+    return route_cls(path, bound_method, **kwargs)

@@ -1,0 +1,315 @@
+"""The HTTP proxy: an ASGI server in its own process, forwarding to ingress replicas.
+
+Each request is matched to the application with the longest route prefix
+(pushed by the controller), then sent with its body to a replica of that
+application's ingress deployment through an ordinary router; the replica's
+response comes back as a stream of ASGI messages.  User code never runs
+here, and nothing a client sends is ever unpickled: the proxy only pickles
+the scope and body it built itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._core import context as _context
+from .._core.errors import LadleError, RequestCancelledError
+from .._core.loop import background_loop
+from .._core.snapshots import ROUTES, hub
+from .._core.transport import ReplySink
+from .._core.types import SYSTEM_PREFIX, DeploymentID, RouteTable
+from . import control_link
+from .asgi import HTTP_METHOD
+from .handle import DeploymentHandle
+
+MODEL_ID_HEADER = b"serve_multiplexed_model_id"
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: float = 5.0
+    max_request_body_bytes: int = 100 * 1024 * 1024
+    middlewares: tuple[Any, ...] = ()
+    debug: bool = False
+    access_log: bool = False
+    controller_address: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class _Route:
+    __slots__ = ("prefix", "deployment_id", "handle")
+
+    def __init__(self, prefix: str, deployment_id: DeploymentID) -> None:
+        self.prefix = prefix
+        self.deployment_id = deployment_id
+        self.handle = DeploymentHandle(deployment_id.name, deployment_id.app_name).options(
+            method_name=HTTP_METHOD, stream=True)
+
+
+class ProxyApp:
+    """The proxy's ASGI app (wrapped by the user's middlewares)."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self._config = config
+        self._routes: list[_Route] = []
+
+    def set_routes(self, table: RouteTable) -> None:
+        # Longest prefix first, so the first match is the best one.
+        self._routes = [_Route(prefix, dep) for prefix, dep in
+                        sorted(table.routes, key=lambda r: -len(r[0]))]
+
+    def _match(self, path: str) -> _Route | None:
+        for route in self._routes:
+            prefix = route.prefix
+            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                return route
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1011})
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        root_path = scope.get("root_path", "")
+        path = scope["path"]
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path):] or "/"
+        if path.startswith("/-/"):
+            await self._builtin(path, send)
+            return
+        route = self._match(path)
+        if route is None:
+            await _send_text(send, 404, f"Path '{path}' not found. Ping "
+                             "http://.../-/routes for available routes.")
+            return
+        body = await self._read_body(receive, send)
+        if body is None:
+            return
+        request_id = model_id = ""
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                request_id = value.decode("latin-1")
+            elif name == MODEL_ID_HEADER:
+                model_id = value.decode("latin-1")
+        if not request_id:
+            request_id = _context.new_request_id()
+        child = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": scope.get("http_version", "1.1"), "method": scope["method"],
+            "scheme": scope.get("scheme", "http"), "path": scope["path"],
+            "raw_path": scope.get("raw_path"), "query_string": scope.get("query_string", b""),
+            "headers": list(scope["headers"]), "client": scope.get("client"),
+            "server": scope.get("server"),
+            "root_path": root_path + ("" if route.prefix == "/" else route.prefix),
+        }
+        _context.set_request(_context.RequestContext(
+            request_id, route.prefix, route.deployment_id.app_name, model_id))
+        handle = route.handle
+        if model_id:
+            handle = handle.options(multiplexed_model_id=model_id)
+        await self._forward(handle.remote(child, body), request_id, receive, send)
+
+    async def _forward(self, gen: Any, request_id: str, receive: Any, send: Any) -> None:
+        started = False
+        watcher = asyncio.get_running_loop().create_task(_on_disconnect(receive, gen))
+        try:
+            async with asyncio.timeout(self._config.request_timeout_s):
+                async for item in gen:
+                    if type(item) is tuple:
+                        start, item = item
+                        start["headers"] = [*start.get("headers", ()),
+                                            (REQUEST_ID_HEADER, request_id.encode())]
+                        await send(start)
+                        started = True
+                    await send(item)
+        except TimeoutError:
+            gen.cancel()
+            if not started:
+                await _send_text(send, 408, "Request timed out.", request_id)
+        except RequestCancelledError:
+            pass  # the client went away
+        except Exception as exc:
+            if started:
+                return  # cut the response short; the client sees a closed stream
+            status = exc.status_code if isinstance(exc, LadleError) else 500
+            text = f"{type(exc).__name__}: {exc}" if self._config.debug else _phrase(status)
+            await _send_text(send, status, text, request_id)
+        finally:
+            watcher.cancel()
+
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        limit = self._config.max_request_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    await _send_text(send, 413, f"Request body larger than {limit} bytes.")
+                    return None
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _builtin(self, path: str, send: Any) -> None:
+        if path == "/-/healthz":
+            await _send_text(send, 200, "success")
+        elif path == "/-/routes":
+            body = json.dumps({r.prefix: r.deployment_id.app_name for r in self._routes})
+            await _send_bytes(send, 200, body.encode(), b"application/json")
+        else:
+            await _send_text(send, 404, f"Path '{path}' not found.")
+
+
+async def _on_disconnect(receive: Any, gen: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gen.cancel()
+            return
+
+
+def _phrase(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+async def _send_text(send: Any, status: int, text: str, request_id: str = "") -> None:
+    await _send_bytes(send, status, text.encode(), b"text/plain; charset=utf-8", request_id)
+
+
+async def _send_bytes(send: Any, status: int, body: bytes, media_type: bytes,
+                      request_id: str = "") -> None:
+    headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((REQUEST_ID_HEADER, request_id.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, or an error that names the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise LadleError(f"The HTTP proxy could not listen on {host}:{port}: {exc.strerror}. "
+                         "Is another server using that port? Choose another with "
+                         "serve.start(http_options={'port': ...}).") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Proxy:
+    """The proxy process's Servable: runs uvicorn until told to stop."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._stopped: asyncio.Event | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._stopped = asyncio.Event()
+        try:
+            server, sock = self._build()
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            await self._stopped.wait()
+            return
+        serving = loop.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.005)  # uvicorn has no readiness event
+        if serving.done():
+            self._ready.set_exception(LadleError("The HTTP server failed to start."))
+        else:
+            self._ready.set_result({"pid": os.getpid(), "port": sock.getsockname()[1]})
+        stopping = loop.create_task(self._stopped.wait())
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        with contextlib.suppress(BaseException):
+            await serving
+        stopping.cancel()
+
+    def _build(self) -> tuple[Any, socket.socket]:
+        import uvicorn
+
+        config = self.config
+        if config.controller_address:
+            control_link.install(config.controller_address, background_loop())
+            hub.closed = None
+        app = ProxyApp(config)
+        hub.subscribe(ROUTES, asyncio.get_running_loop(), app.set_routes)
+        asgi: Any = app
+        for middleware in reversed(config.middlewares):
+            cls, args, kwargs = middleware
+            asgi = cls(asgi, *args, **kwargs)
+        sock = bind_http_socket(config.host, config.port)
+        uv_config = uvicorn.Config(
+            asgi, lifespan="off", http="httptools", loop="none", access_log=config.access_log,
+            timeout_keep_alive=int(config.keep_alive_timeout_s), root_path=config.root_path,
+            log_level="warning", server_header=False)
+        return _QuietServer(uv_config), sock
+
+    def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                      sink: ReplySink) -> asyncio.Future[Any] | None:
+        return asyncio.get_running_loop().create_task(self._system(meta[1], sink))
+
+    async def _system(self, method: str, sink: ReplySink) -> None:
+        assert self._ready is not None and self._stopped is not None
+        try:
+            name = method[len(SYSTEM_PREFIX):].rstrip("_")
+            if name == "ready":
+                sink.result(await asyncio.shield(self._ready))
+            elif name in ("ping", "health"):
+                sink.result(True)
+            elif name == "stop":
+                self._stopped.set()
+                sink.result(None)
+            else:
+                raise LadleError(f"the proxy has no method {method!r}")
+        except Exception as exc:
+            sink.error(exc)
+
+
+def _quiet_server_class() -> Any:
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        """uvicorn without its signal handlers: the process's owner decides when to stop."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:
+            yield
+
+    return QuietServer
+
+
+def _QuietServer(config: Any) -> Any:  # noqa: N802 - a class made on first use
+    return _quiet_server_class()(config)
