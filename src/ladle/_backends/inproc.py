@@ -16,6 +16,7 @@ from typing import Any
 
 from .._core.context import new_request_id
 from .._core.errors import ReplicaDiedError, RequestCancelledError
+from .._core.inbox import Inbox
 from .._core.transport import (
     DoneCallback,
     RequestServer,
@@ -88,6 +89,10 @@ class _Sink:
         self._credit = credit
         self._credit_event: asyncio.Event | None = None
         self.finished = False
+        self.inbox = Inbox()
+
+    async def next_input(self) -> Any:
+        return await self.inbox.get()
 
     def _to_caller(self, fn: Callable[..., Any], *args: Any) -> None:
         loop = self._remote.loop
@@ -204,6 +209,11 @@ class InprocRemote:
         entry = self._pending.get(key)
         if entry is not None:
             self._on_server(entry[0].add_credit, credit)
+
+    def send_input(self, key: int, item: Any) -> None:
+        entry = self._pending.get(key)
+        if entry is not None:
+            self._on_server(entry[0].inbox.put, item)
 
     def add_close_callback(self, callback: Callable[[], None]) -> None:
         pass

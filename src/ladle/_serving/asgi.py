@@ -144,18 +144,19 @@ async def _send_text(responder: _Responder, status: int, text: str) -> None:
     await responder.send({"type": "http.response.body", "body": body})
 
 
-async def serve_websocket(user: UserCallable, scope: dict[str, Any], sink: ReplySink,
-                          inbox: Any) -> None:
-    """Run a WebSocket route; messages from the client arrive through ``inbox``."""
+async def serve_websocket(user: UserCallable, scope: dict[str, Any], sink: ReplySink) -> None:
+    """Run a WebSocket route; the client's messages arrive as the request's inputs."""
     app = user.asgi_app
-    if app is None:
-        raise TypeError("WebSockets need an ingress deployment (`@serve.ingress(app)`).")
 
     async def send(message: dict[str, Any]) -> None:
         if not sink.item(message):
             await sink.wait_credit()
 
-    await app(scope, inbox.get, send)
+    if app is None:
+        await send({"type": "websocket.close", "code": 1000,
+                    "reason": "WebSockets need an ingress deployment (@serve.ingress)."})
+    else:
+        await app(scope, sink.next_input, send)
     sink.end()
 
 
@@ -175,7 +176,7 @@ def bind_ingress_app(instance: Any) -> Any:
         return app  # a plain ASGI app: served as is
     bound_routes = []
     for route in routes:
-        endpoint = getattr(route, "endpoint", None)
+        endpoint: Any = getattr(route, "endpoint", None)
         route_owner = getattr(endpoint, OWNER_ATTR, None)
         if route_owner is None:
             bound_routes.append(route)

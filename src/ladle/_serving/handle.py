@@ -350,6 +350,13 @@ class DeploymentResponseGenerator(_ResponseBase):
     def __iter__(self) -> DeploymentResponseGenerator:
         return self
 
+    def _send_input(self, item: Any) -> None:
+        """Send a message into the running call (the proxy forwards WebSocket frames)."""
+        if _get_running_loop() is self._loop:
+            self._router.send_input(self._req, item)
+        else:
+            self._loop.call_soon_threadsafe(self._router.send_input, self._req, item)
+
     def __next__(self) -> Any:
         if _get_running_loop() is not None:
             raise RuntimeError("Iterating a DeploymentResponseGenerator with `for` would block "

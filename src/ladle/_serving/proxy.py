@@ -25,7 +25,7 @@ from .._core.snapshots import ROUTES, hub
 from .._core.transport import ReplySink
 from .._core.types import SYSTEM_PREFIX, DeploymentID, RouteTable
 from . import control_link
-from .asgi import HTTP_METHOD
+from .asgi import HTTP_METHOD, WEBSOCKET_METHOD
 from .handle import DeploymentHandle
 
 MODEL_ID_HEADER = b"serve_multiplexed_model_id"
@@ -48,13 +48,14 @@ class ProxyConfig:
 
 
 class _Route:
-    __slots__ = ("prefix", "deployment_id", "handle")
+    __slots__ = ("prefix", "deployment_id", "handle", "ws_handle")
 
     def __init__(self, prefix: str, deployment_id: DeploymentID) -> None:
         self.prefix = prefix
         self.deployment_id = deployment_id
-        self.handle = DeploymentHandle(deployment_id.name, deployment_id.app_name).options(
-            method_name=HTTP_METHOD, stream=True)
+        base = DeploymentHandle(deployment_id.name, deployment_id.app_name)
+        self.handle = base.options(method_name=HTTP_METHOD, stream=True)
+        self.ws_handle = base.options(method_name=WEBSOCKET_METHOD, stream=True)
 
 
 class ProxyApp:
@@ -80,13 +81,10 @@ class ProxyApp:
         if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1011})
+            await self._websocket(scope, receive, send)
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        root_path = scope.get("root_path", "")
-        path = scope["path"]
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path):] or "/"
+        path = _route_path(scope)
         if path.startswith("/-/"):
             await self._builtin(path, send)
             return
@@ -106,21 +104,49 @@ class ProxyApp:
                 model_id = value.decode("latin-1")
         if not request_id:
             request_id = _context.new_request_id()
-        child = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": scope.get("http_version", "1.1"), "method": scope["method"],
-            "scheme": scope.get("scheme", "http"), "path": scope["path"],
-            "raw_path": scope.get("raw_path"), "query_string": scope.get("query_string", b""),
-            "headers": list(scope["headers"]), "client": scope.get("client"),
-            "server": scope.get("server"),
-            "root_path": root_path + ("" if route.prefix == "/" else route.prefix),
-        }
+        child = self._child_scope(scope, route)
         _context.set_request(_context.RequestContext(
             request_id, route.prefix, route.deployment_id.app_name, model_id))
         handle = route.handle
         if model_id:
             handle = handle.options(multiplexed_model_id=model_id)
         await self._forward(handle.remote(child, body), request_id, receive, send)
+
+    def _child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
+        """The scope the replica sees: the client's, with the route prefix in root_path."""
+        child = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
+        child["headers"] = list(scope["headers"])
+        child["root_path"] = scope.get("root_path", "") + (
+            "" if route.prefix == "/" else route.prefix)
+        return child
+
+    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route = self._match(_route_path(scope))
+        if route is None:
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        request_id = _context.new_request_id()
+        _context.set_request(_context.RequestContext(
+            request_id, route.prefix, route.deployment_id.app_name, ""))
+        gen = route.ws_handle.remote(self._child_scope(scope, route))
+
+        async def client_to_replica() -> None:
+            while True:
+                message = await receive()
+                gen._send_input(message)
+                if message["type"] == "websocket.disconnect":
+                    return
+
+        pump = asyncio.get_running_loop().create_task(client_to_replica())
+        try:
+            async for message in gen:
+                await send(message)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1011})
+        finally:
+            pump.cancel()
+            gen.cancel()
 
     async def _forward(self, gen: Any, request_id: str, receive: Any, send: Any) -> None:
         started = False
@@ -176,6 +202,19 @@ class ProxyApp:
             await _send_bytes(send, 200, body.encode(), b"application/json")
         else:
             await _send_text(send, 404, f"Path '{path}' not found.")
+
+
+# What the replica gets of the client's scope (never the server's own objects).
+_SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
+               "query_string", "client", "server", "subprotocols")
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    root_path = scope.get("root_path", "")
+    path: str = scope["path"]
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path):] or "/"
+    return path
 
 
 async def _on_disconnect(receive: Any, gen: Any) -> None:

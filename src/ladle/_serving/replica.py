@@ -26,7 +26,14 @@ from .._core.transport import ReplySink
 from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
 from .._core.snapshots import hub
 from . import control_link
-from .asgi import APP_ATTR, HTTP_METHOD, bind_ingress_app, serve_http
+from .asgi import (
+    APP_ATTR,
+    HTTP_METHOD,
+    WEBSOCKET_METHOD,
+    bind_ingress_app,
+    serve_http,
+    serve_websocket,
+)
 from .user_code import UserCallable
 
 
@@ -203,6 +210,8 @@ class Replica:
             if meta[1] == HTTP_METHOD:
                 await serve_http(user, args[0], args[1], sink, self.spec.deployment_id.name,
                                  self.spec.extras.get("debug", False))
+            elif meta[1] == WEBSOCKET_METHOD:
+                await serve_websocket(user, args[0], sink)
             else:
                 fn, kind = user.method(meta[1])
                 await user.stream(fn, kind, args, kwargs, sink, meta[1])

@@ -32,7 +32,7 @@ class Request:
     """One call on its way: queued in a router, then sent on a replica's connection."""
 
     __slots__ = ("meta", "args", "kwargs", "target", "stream", "window", "model_id",
-                 "state", "slot", "key", "__weakref__")
+                 "state", "slot", "key", "inputs", "__weakref__")
 
     def __init__(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                  target: Any, stream: bool, window: int) -> None:
@@ -46,6 +46,7 @@ class Request:
         self.state = QUEUED
         self.slot: _Slot | None = None
         self.key = 0
+        self.inputs: list[Any] | None = None  # sent into the request before it was assigned
 
     def fail(self, exc: BaseException) -> None:
         self.state = DONE
@@ -137,6 +138,15 @@ class Router:
                 slot.remote.cancel(req.key)
             req.fail(RequestCancelledError("The request was cancelled."))
 
+    def send_input(self, req: Request, item: Any) -> None:
+        """Deliver ``item`` into a running request (queued until it is assigned)."""
+        if req.state == SENT and req.slot is not None and req.slot.remote is not None:
+            req.slot.remote.send_input(req.key, item)
+        elif req.state == QUEUED:
+            if req.inputs is None:
+                req.inputs = []
+            req.inputs.append(item)
+
     def _send(self, slot: _Slot, req: Request) -> None:
         remote = slot.remote
         assert remote is not None
@@ -162,6 +172,10 @@ class Router:
             slot.in_flight -= 1
             req.fail(exc)
             return
+        if req.inputs:
+            inputs, req.inputs = req.inputs, None
+            for item in inputs:
+                remote.send_input(req.key, item)
         if req.model_id:
             slot.model_ids.add(req.model_id)
         # Arguments are not needed any more; don't keep them alive.

@@ -5,7 +5,8 @@ bytes.  Keys are chosen by the client, one per request on a connection, so
 many requests share one socket.  Kinds:
 
   client → server   REQUEST, STREAM (a request whose answer is a stream),
-                    CANCEL, CREDIT (the consumer can take N more items)
+                    CANCEL, CREDIT (the consumer can take N more items),
+                    INPUT (a message into a running request: WebSocket frames)
   server → client   RESULT, ERROR, ITEM, END
 
 A payload with the OOB flag starts with its out-of-band buffer table (pickle
@@ -30,7 +31,8 @@ from ..._core.errors import (
     pack_exception,
     unpack_exception,
 )
-from ..._core.serialization import describe_unpicklable, dumps, dumps_oob
+from ..._core.inbox import Inbox
+from ..._core.serialization import describe_unpicklable, dumps_oob
 from ..._core.transport import DoneCallback, RequestServer, StreamReceiver
 
 HEADER = struct.Struct("<IBQ")
@@ -38,7 +40,7 @@ HEADER_SIZE = HEADER.size
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 
-REQUEST, STREAM, CANCEL, CREDIT, RESULT, ERROR, ITEM, END = range(1, 9)
+REQUEST, STREAM, CANCEL, CREDIT, RESULT, ERROR, ITEM, END, INPUT = range(1, 10)
 OOB = 0x80
 MAX_FRAME_BYTES = 1 << 31  # a frame claiming more than this is garbage: drop the peer
 
@@ -200,6 +202,10 @@ class Connection(_FramedProtocol):
         if key in self._pending:
             self._send([_pack_header(4, CREDIT, key), U32.pack(credit)])
 
+    def send_input(self, key: int, item: Any) -> None:
+        if key in self._pending:
+            self._send(_encode(INPUT, key, item))
+
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         fut: asyncio.Future[Any] = self._loop.create_future()
         key = self.start_unary((new_request_id(), method, "", False, ""), args, kwargs, fut, None)
@@ -268,7 +274,7 @@ class Connection(_FramedProtocol):
 class _Reply:
     """ReplySink for one request on a server connection."""
 
-    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished")
+    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished", "inbox")
 
     def __init__(self, conn: ServerConnection, key: int, credit: int) -> None:
         self._conn = conn
@@ -276,6 +282,7 @@ class _Reply:
         self._credit = credit
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False
+        self.inbox: Inbox | None = None
 
     def result(self, value: Any) -> None:
         parts = _encode(RESULT, self._key, value)  # may raise: the replica reports it
@@ -297,6 +304,11 @@ class _Reply:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def next_input(self) -> Any:
+        if self.inbox is None:
+            self.inbox = Inbox()
+        return await self.inbox.get()
 
     def add_credit(self, n: int) -> None:
         self._credit += n
@@ -353,6 +365,13 @@ class ServerConnection(_FramedProtocol):
             entry = self._requests.get(key)
             if entry is not None:
                 entry[1].add_credit(U32.unpack_from(payload)[0])
+        elif kind == INPUT:
+            entry = self._requests.get(key)
+            if entry is not None:
+                reply = entry[1]
+                if reply.inbox is None:
+                    reply.inbox = Inbox()
+                reply.inbox.put(_decode(payload, oob))
         else:
             raise ValueError(f"unexpected frame kind {kind}")
 
