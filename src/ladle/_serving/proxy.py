@@ -128,7 +128,7 @@ class ProxyApp:
         request_id = _context.new_request_id()
         _context.set_request(_context.RequestContext(
             request_id, route.prefix, route.deployment_id.app_name, ""))
-        gen = route.ws_handle.remote(self._child_scope(scope, route))
+        gen: Any = route.ws_handle.remote(self._child_scope(scope, route))
 
         async def client_to_replica() -> None:
             while True:
