@@ -123,15 +123,16 @@ def _get_or_start(local_testing: bool = False, http: HTTPOptions | None = None) 
             options = http or HTTPOptions()
             if local_testing or options.location == ProxyLocation.Disabled:
                 return controller
+            if http is None:
+                # Not asked for: don't make serve.run wait for it, nor fail without it.
+                controller.start_proxy_soon(_proxy_config(options))
+                return controller
             try:
                 port = await controller.start_proxy(_proxy_config(options))
-            except LadleError as exc:
-                if http is not None:
-                    await controller.shutdown()
-                    raise
-                logger.warning("%s Applications are reachable from Python only.", exc)
-            else:
-                logger.info("HTTP proxy listening on http://%s:%d", options.host, port)
+            except LadleError:
+                await controller.shutdown()
+                raise
+            logger.info("HTTP proxy listening on http://%s:%d", options.host, port)
             return controller
 
         controller = asyncio.run_coroutine_threadsafe(boot(), loop).result()

@@ -58,6 +58,7 @@ class Controller:
         self._proxy: Remote | None = None
         self.http_port: int | None = None
         self._proxy_tasks: set[asyncio.Task[None]] = set()
+        self._routes_version = 0
 
     async def start(self) -> None:
         self.address = await self.backend.listen(_ControlServer(self), name="controller")
@@ -102,6 +103,7 @@ class Controller:
             raise
         app.status = "RUNNING"
         self._publish_routes()
+        await self.sync_proxy()
 
     def _replica_link_address(self) -> str:
         # Replicas in this very process read the controller's hub directly.
@@ -122,6 +124,7 @@ class Controller:
             return
         app.status = "DELETING"
         self._publish_routes()
+        await self.sync_proxy()
         await asyncio.gather(*(s.delete() for s in app.deployments.values()))
 
     @property
@@ -131,6 +134,8 @@ class Controller:
 
     async def shutdown(self) -> None:
         self._closed = True
+        for task in list(self._proxy_tasks):
+            task.cancel()
         await self._stop_proxy()
         await asyncio.gather(*(self.delete(name) for name in list(self._apps)))
         await self.backend.aclose()
@@ -144,6 +149,20 @@ class Controller:
         # A restarted proxy must come back on the same port, even if 0 was asked for.
         self._proxy_config = dataclasses.replace(config, port=port)
         return port
+
+    def start_proxy_soon(self, config: ProxyConfig) -> None:
+        """Start the proxy without waiting for it; failing to listen is only logged."""
+        async def start() -> None:
+            try:
+                port = await self.start_proxy(config)
+            except LadleError as exc:
+                logger.warning("%s Applications are reachable from Python only.", exc)
+            else:
+                logger.info("HTTP proxy listening on http://%s:%d", config.host, port)
+
+        task = asyncio.get_running_loop().create_task(start())
+        self._proxy_tasks.add(task)
+        task.add_done_callback(self._proxy_tasks.discard)
 
     async def _spawn_proxy(self, config: ProxyConfig) -> int:
         address = await self.backend.spawn(functools.partial(Proxy, config), name=_PROXY,
@@ -235,7 +254,23 @@ class Controller:
              for name, app in self._apps.items()
              if app.target.route_prefix is not None and app.status != "DELETING"),
             key=lambda item: -len(item[0])))
-        hub.publish(ROUTES, RouteTable(routes))
+        self._routes_version += 1
+        hub.publish(ROUTES, RouteTable(routes, self._routes_version))
+
+    async def sync_proxy(self) -> None:
+        """Wait until the proxy started and routes as the controller does now.
+
+        So that ``serve.run`` returning means the application answers over HTTP.
+        """
+        if self._proxy_tasks:
+            await asyncio.gather(*self._proxy_tasks, return_exceptions=True)
+        remote = self._proxy
+        if remote is None:
+            return
+        try:
+            await asyncio.wait_for(remote.call("__ladle_routes__", self._routes_version), 10.0)
+        except Exception as exc:
+            logger.warning("The HTTP proxy did not confirm the new routes: %r", exc)
 
     def snapshot_for(self, key: Hashable) -> Any:
         value = hub.get(key)

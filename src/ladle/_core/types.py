@@ -68,6 +68,7 @@ class RouteTable:
     """route prefix -> (app name, ingress deployment), published by the controller."""
 
     routes: tuple[tuple[str, DeploymentID], ...] = ()
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

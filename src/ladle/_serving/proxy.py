@@ -64,11 +64,22 @@ class ProxyApp:
     def __init__(self, config: ProxyConfig) -> None:
         self._config = config
         self._routes: list[_Route] = []
+        self.routes_version = 0
+        self._routes_changed = asyncio.Event()
 
     def set_routes(self, table: RouteTable) -> None:
         # Longest prefix first, so the first match is the best one.
         self._routes = [_Route(prefix, dep) for prefix, dep in
                         sorted(table.routes, key=lambda r: -len(r[0]))]
+        self.routes_version = max(self.routes_version, table.version)
+        self._routes_changed.set()
+
+    async def wait_routes(self, version: int) -> int:
+        """Return once routes at least as new as ``version`` are in use."""
+        while self.routes_version < version:
+            self._routes_changed.clear()
+            await self._routes_changed.wait()
+        return self.routes_version
 
     def _match(self, path: str) -> _Route | None:
         for route in self._routes:
@@ -271,6 +282,7 @@ class Proxy:
         self.config = config
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._stopped: asyncio.Event | None = None
+        self._app: ProxyApp | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -303,7 +315,7 @@ class Proxy:
         if config.controller_address:
             control_link.install(config.controller_address, background_loop())
             hub.closed = None
-        app = ProxyApp(config)
+        app = self._app = ProxyApp(config)
         hub.subscribe(ROUTES, asyncio.get_running_loop(), app.set_routes)
         asgi: Any = app
         for middleware in reversed(config.middlewares):
@@ -318,9 +330,9 @@ class Proxy:
 
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> asyncio.Future[Any] | None:
-        return asyncio.get_running_loop().create_task(self._system(meta[1], sink))
+        return asyncio.get_running_loop().create_task(self._system(meta[1], args, sink))
 
-    async def _system(self, method: str, sink: ReplySink) -> None:
+    async def _system(self, method: str, args: tuple[Any, ...], sink: ReplySink) -> None:
         assert self._ready is not None and self._stopped is not None
         try:
             name = method[len(SYSTEM_PREFIX):].rstrip("_")
@@ -328,6 +340,10 @@ class Proxy:
                 sink.result(await asyncio.shield(self._ready))
             elif name in ("ping", "health"):
                 sink.result(True)
+            elif name == "routes":
+                await asyncio.shield(self._ready)
+                assert self._app is not None
+                sink.result(await self._app.wait_routes(args[0]))
             elif name == "stop":
                 self._stopped.set()
                 sink.result(None)
