@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -184,6 +186,69 @@ def test_sigterm_stops_a_deployment_target(start, ladle) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     wait_for(lambda: _gone(replicas), message="the replicas to exit")
+
+
+HTTP_APP = textwrap.dedent('''
+    from fastapi import FastAPI
+
+    from ladle import serve
+
+    api = FastAPI()
+
+    @serve.deployment
+    @serve.ingress(api)
+    class Greeter:
+        def __init__(self, greeting: str) -> None:
+            self.greeting = greeting
+
+        @api.get("/greet/{name}")
+        def greet(self, name: str) -> dict:
+            return {"message": f"{self.greeting} {name}!"}
+
+    app = Greeter.bind("Hi")
+''')
+
+
+def test_run_serves_http_on_the_given_host_and_port(app_dir: Path, run_dir: Path) -> None:
+    (app_dir / "cli_http.py").write_text(HTTP_APP)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))  # a free port, released for `ladle run`
+        port = sock.getsockname()[1]
+    stderr = open(app_dir / "stderr-http.txt", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ladle", "run", "cli_http:app", "--route-prefix", "/api",
+         "--host", "127.0.0.1", "--port", str(port), "--app-dir", str(app_dir)],
+        env=dict(os.environ, LADLE_RUN_DIR=str(run_dir)), stdout=subprocess.DEVNULL,
+        stderr=stderr, text=True)
+    stderr.close()
+    try:
+        def answered() -> httpx.Response | None:
+            assert proc.poll() is None, f"ladle run exited early with {proc.returncode}"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/greet/Ann", timeout=10)
+            except httpx.TransportError:
+                return None  # not listening yet
+            return response if response.status_code != 404 else None  # not deployed yet
+
+        response = wait_for(answered, timeout_s=30, message=f"ladle run to answer on {port}")
+        assert (response.status_code, response.json()) == (200, {"message": "Hi Ann!"})
+        children = [p.pid for p in _tree(proc)]
+        assert len(children) == 2  # the replica and the proxy
+        assert [c for c in _tree(proc) if _cmdline(c)[-1:] == ["proxy"]]
+        err = (app_dir / "stderr-http.txt").read_text()
+        assert f"is ready at http://127.0.0.1:{port}/api" in err
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        wait_for(lambda: _gone(children), message="the replica and the proxy to exit")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/api/greet/Ann", timeout=10)
+    finally:
+        if proc.poll() is None:  # a failed test must not leak the instance
+            for child in _tree(proc):
+                child.kill()
+            proc.kill()
+            proc.wait()
 
 
 def test_bad_import_paths_fail_with_one_clear_line(ladle, app_dir: Path) -> None:

@@ -8,6 +8,7 @@ the app to its instance (``_serving.asgi.bind_ingress_app``).
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 from .._serving.asgi import APP_ATTR, OWNER_ATTR, OWNER_CLASS_ATTR
@@ -41,13 +42,26 @@ def ingress(app: Any) -> Any:
                              "`__call__`: HTTP requests go to the app's routes.")
         owner = f"{cls.__module__}.{cls.__qualname__}"
         for endpoint in _route_endpoints(app):
-            if any(endpoint is value for value in cls.__dict__.values()):
+            if _defined_in(endpoint, cls):
                 setattr(endpoint, OWNER_ATTR, owner)
         setattr(cls, APP_ATTR, app)
         setattr(cls, OWNER_CLASS_ATTR, owner)
         return cls
 
     return decorate
+
+
+def _defined_in(endpoint: Any, cls: Any) -> bool:
+    """Whether a route's function was written in the class body.
+
+    By name, not by the class attribute: FastAPI lets two routes use one method
+    name (the class then holds only the last function), as Ray Serve does too.
+    """
+    if any(endpoint is value for value in cls.__dict__.values()):
+        return True
+    name = getattr(endpoint, "__name__", None)
+    return (getattr(endpoint, "__module__", None) == cls.__module__
+            and getattr(endpoint, "__qualname__", None) == f"{cls.__qualname__}.{name}")
 
 
 def _route_endpoints(app: Any) -> list[Any]:
@@ -68,7 +82,16 @@ def _make_app_state_picklable() -> None:
     except ImportError:
         return
     copyreg.pickle(State, _reduce_state)
+    # Recent FastAPI keeps each `include_router` as an `_IncludedRouter` holding a
+    # threading.Lock and route caches: ship its router and prefix context only.
+    included = getattr(sys.modules.get("fastapi.routing"), "_IncludedRouter", None)
+    if included is not None:
+        copyreg.pickle(included, _reduce_included_router)
 
 
 def _reduce_state(state: Any) -> tuple[Any, tuple[dict[str, Any]]]:
     return type(state), (dict(state._state),)
+
+
+def _reduce_included_router(route: Any) -> tuple[Any, tuple[Any, Any]]:
+    return type(route), (route.original_router, route.include_context)

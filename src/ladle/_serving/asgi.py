@@ -15,6 +15,7 @@ import copy
 import inspect
 import logging
 import traceback
+import types
 from typing import Any
 
 from .._core.errors import LadleError
@@ -181,7 +182,7 @@ def bind_ingress_app(instance: Any) -> Any:
         if route_owner is None:
             bound_routes.append(route)
         elif route_owner == owner:
-            bound_routes.append(_rebind(route, getattr(instance, endpoint.__name__)))
+            bound_routes.append(_rebind(route, _bind(instance, endpoint)))
     private = copy.copy(app)
     router = private.router = copy.copy(app.router)
     router.routes = bound_routes
@@ -201,6 +202,15 @@ def bind_ingress_app(instance: Any) -> Any:
     return private
 
 
+def _bind(instance: Any, endpoint: Any) -> Any:
+    """The endpoint as a method of ``instance`` (the class attribute of that name may
+    be another route's function: FastAPI allows two routes to share a method name)."""
+    bound = getattr(instance, endpoint.__name__, None)
+    if bound is endpoint or getattr(bound, "__func__", None) is endpoint:
+        return bound  # a staticmethod stays unbound
+    return types.MethodType(endpoint, instance)
+
+
 def _rebind(route: Any, bound_method: Any) -> Any:
     """The same route with ``self`` bound: rebuilt from its own attributes."""
     route_cls = type(route)
@@ -217,3 +227,39 @@ def _rebind(route: Any, bound_method: Any) -> Any:
                                                           None)
     path = getattr(route, "path", None)
     return route_cls(path, bound_method, **kwargs)
+
+
+class AppLifespan:
+    """An ingress app's ASGI lifespan, run as uvicorn runs it (``lifespan="auto"``).
+
+    ``startup`` runs before the replica is ready and raises if the app reports
+    a failed startup; an app without lifespan support is served anyway.  The
+    state the lifespan yields reaches every request's scope (``request.state``).
+    """
+
+    def __init__(self, app: Any) -> None:
+        from uvicorn import Config
+        from uvicorn.lifespan.on import LifespanOn
+
+        self._lifespan = LifespanOn(Config(app, lifespan="auto", log_config=None,
+                                           http="h11", ws="none"))
+        self._lifespan.logger = logger
+
+    async def startup(self) -> None:
+        await self._lifespan.startup()
+        if self._lifespan.should_exit:
+            raise RuntimeError("The ingress app's lifespan startup failed "
+                               "(its error is in the replica's log).")
+
+    async def shutdown(self) -> None:
+        await self._lifespan.shutdown()
+
+    def serving(self, app: Any) -> Any:
+        """``app`` with a copy of the lifespan's state in each request's scope."""
+        state = self._lifespan.state
+
+        async def with_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            scope["state"] = state.copy()
+            await app(scope, receive, send)
+
+        return with_state

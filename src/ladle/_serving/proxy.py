@@ -16,7 +16,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .._core import context as _context
 from .._core.errors import LadleError, RequestCancelledError
@@ -30,6 +30,9 @@ from .handle import DeploymentHandle
 
 MODEL_ID_HEADER = b"serve_multiplexed_model_id"
 REQUEST_ID_HEADER = b"x-request-id"
+# httptools puts no bound on header size; h11 (uvicorn's other parser) stops at 16 KiB.
+# Anything past this is refused with 431 rather than shipped to a replica.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,29 @@ class ProxyApp:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        root_path = self._config.root_path
+        if root_path:
+            # Ray Serve's root_path: clients address {root_path}{route_prefix}/... and the
+            # app sees the full path.  (Not uvicorn's: a prefix an upstream proxy stripped.)
+            path = scope["path"]
+            if path != root_path and not path.startswith(root_path + "/"):
+                if scope["type"] == "http":
+                    await _send_text(send, 404, f"Path '{path}' not found: every route is "
+                                     f"under the root path '{root_path}'.")
+                elif scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                return
+            scope["root_path"] = root_path
         if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        rejected = _check_headers(scope)
+        if rejected is not None:
+            await _send_text(send, *rejected)
+            return
         path = _route_path(scope)
         if path.startswith("/-/"):
             await self._builtin(path, send)
@@ -104,7 +124,15 @@ class ProxyApp:
             await _send_text(send, 404, f"Path '{path}' not found. Ping "
                              "http://.../-/routes for available routes.")
             return
-        body = await self._read_body(receive, send)
+        # request_timeout_s bounds the whole request, a client trickling its body included.
+        timeout_s = self._config.request_timeout_s
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await self._read_body(receive, send)
+        except TimeoutError:
+            await _send_text(send, 408, "Request timed out.", close=True)
+            return
         if body is None:
             return
         request_id = model_id = ""
@@ -121,7 +149,9 @@ class ProxyApp:
         handle = route.handle
         if model_id:
             handle = handle.options(multiplexed_model_id=model_id)
-        await self._forward(handle.remote(child, body), request_id, receive, send)
+        # The replica turns user errors into responses: it needs to know about debug.
+        await self._forward(handle.remote(child, body, self._config.debug), request_id,
+                            deadline, receive, send)
 
     def _child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
         """The scope the replica sees: the client's, with the route prefix in root_path."""
@@ -159,11 +189,12 @@ class ProxyApp:
             pump.cancel()
             gen.cancel()
 
-    async def _forward(self, gen: Any, request_id: str, receive: Any, send: Any) -> None:
+    async def _forward(self, gen: Any, request_id: str, deadline: float | None, receive: Any,
+                       send: Any) -> None:
         started = False
         watcher = asyncio.get_running_loop().create_task(_on_disconnect(receive, gen))
         try:
-            async with asyncio.timeout(self._config.request_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 async for item in gen:
                     if type(item) is tuple:
                         start, item = item
@@ -199,7 +230,8 @@ class ProxyApp:
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    await _send_text(send, 413, f"Request body larger than {limit} bytes.")
+                    await _send_text(send, 413, f"Request body larger than {limit} bytes.",
+                                     close=True)
                     return None
                 chunks.append(chunk)
             if not message.get("more_body", False):
@@ -218,6 +250,16 @@ class ProxyApp:
 # What the replica gets of the client's scope (never the server's own objects).
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
                "query_string", "client", "server", "subprotocols")
+
+
+def _check_headers(scope: dict[str, Any]) -> tuple[int, str] | None:
+    """(status, text) to refuse a request whose headers are too large or lack a Host."""
+    headers = scope["headers"]
+    if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
+        return 431, f"Request headers larger than {MAX_HEADER_BYTES} bytes."
+    if scope.get("http_version") == "1.1" and not any(name == b"host" for name, _ in headers):
+        return 400, "HTTP/1.1 requests need a Host header."  # RFC 9112, section 3.2
+    return None
 
 
 def _route_path(scope: dict[str, Any]) -> str:
@@ -245,15 +287,20 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-async def _send_text(send: Any, status: int, text: str, request_id: str = "") -> None:
-    await _send_bytes(send, status, text.encode(), b"text/plain; charset=utf-8", request_id)
+async def _send_text(send: Any, status: int, text: str, request_id: str = "", *,
+                     close: bool = False) -> None:
+    """``close`` ends the connection after the response (when the body was left unread)."""
+    await _send_bytes(send, status, text.encode(), b"text/plain; charset=utf-8", request_id,
+                      close=close)
 
 
 async def _send_bytes(send: Any, status: int, body: bytes, media_type: bytes,
-                      request_id: str = "") -> None:
+                      request_id: str = "", *, close: bool = False) -> None:
     headers = [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]
     if request_id:
         headers.append((REQUEST_ID_HEADER, request_id.encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -324,7 +371,8 @@ class Proxy:
         sock = bind_http_socket(config.host, config.port)
         uv_config = uvicorn.Config(
             asgi, lifespan="off", http="httptools", loop="none", access_log=config.access_log,
-            timeout_keep_alive=int(config.keep_alive_timeout_s), root_path=config.root_path,
+            # uvicorn hands this to loop.call_later, so a fraction of a second works.
+            timeout_keep_alive=cast(int, config.keep_alive_timeout_s),
             log_level="warning", server_header=False)
         return _QuietServer(uv_config), sock
 

@@ -28,6 +28,7 @@ from .._core.snapshots import hub
 from . import control_link
 from .asgi import (
     APP_ATTR,
+    AppLifespan,
     HTTP_METHOD,
     WEBSOCKET_METHOD,
     bind_ingress_app,
@@ -69,6 +70,7 @@ class Replica:
         self._stopped: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._model_ids: frozenset[str] = frozenset()
+        self._lifespan: AppLifespan | None = None
         self._base_context = contextvars.copy_context()
 
     # ---------------------------------------------------------------- lifecycle
@@ -91,8 +93,12 @@ class Replica:
             self._ready.exception()  # retrieved here; the controller reads it via `ready`
         else:
             self._ready.set_result(None)
-        await self._stopped.wait()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            await self._stopped.wait()  # or cancelled: the process was told to stop
+        finally:
+            if self._lifespan is not None:
+                await self._lifespan.shutdown()
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _build(self) -> None:
         spec = self.spec
@@ -106,7 +112,11 @@ class Replica:
                 obj = await obj
         self._user = UserCallable(obj, spec.is_function, spec.deployment_id.name, self._executor)
         if not spec.is_function and hasattr(type(obj), APP_ATTR):
-            self._user.asgi_app = bind_ingress_app(obj)
+            app = bind_ingress_app(obj)
+            lifespan = AppLifespan(app)  # the app's startup and shutdown, as under uvicorn
+            await lifespan.startup()
+            self._lifespan = lifespan
+            self._user.asgi_app = lifespan.serving(app)
         self._install_context(obj)
         if spec.user_config is not None:
             await self._reconfigure(spec.user_config)
@@ -208,8 +218,9 @@ class Replica:
             user = self._user
             assert user is not None
             if meta[1] == HTTP_METHOD:
+                # args: scope, body, debug (the proxy's http_options).
                 await serve_http(user, args[0], args[1], sink, self.spec.deployment_id.name,
-                                 self.spec.extras.get("debug", False))
+                                 args[2])
             elif meta[1] == WEBSOCKET_METHOD:
                 await serve_websocket(user, args[0], sink)
             else:

@@ -61,6 +61,9 @@ def main() -> None:
         server.close()
         if not run.done():
             run.cancel()
+            # Let the servable clean up (an ingress app's lifespan shutdown); the
+            # parent kills this process if that takes too long.
+            await asyncio.wait([run])
 
     try:
         loop.run_until_complete(serve())
