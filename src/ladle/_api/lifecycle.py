@@ -328,6 +328,7 @@ def build_app_target(app: Application, name: str, route_prefix: str | None) -> A
             health_check_period_s=config.health_check_period_s,
             health_check_timeout_s=config.health_check_timeout_s,
             graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+            graceful_shutdown_wait_loop_s=config.graceful_shutdown_wait_loop_s,
             start_timeout_s=start_timeout_s)
 
     ingress = visit(app)

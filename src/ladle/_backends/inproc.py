@@ -200,6 +200,9 @@ class InprocRemote:
             task = task_box[0]
             if task is not None:
                 task.cancel()
+                # A task cancelled before its first step never reaches its own handler.
+                task.add_done_callback(lambda _: sink.finished or sink.error(
+                    RequestCancelledError("The request was cancelled.")))
             else:
                 sink.error(RequestCancelledError("The request was cancelled."))
 

@@ -47,6 +47,7 @@ class DeploymentTarget:
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
     graceful_shutdown_timeout_s: float = 20.0
+    graceful_shutdown_wait_loop_s: float = 2.0
     start_timeout_s: float = 60.0
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -259,9 +260,13 @@ class DeploymentState:
         if was_running:
             self._publish()
         timeout_s = self.target.graceful_shutdown_timeout_s
+        # While the deployment lives on (rolling update, downscale), routers elsewhere
+        # may not have the new replica set yet: wait until the replica stays idle
+        # for a while.  When the deployment goes away, routers fail fast instead.
+        quiet_s = 0.0 if self._deleted else self.target.graceful_shutdown_wait_loop_s
         if graceful and was_running and rec.remote is not None and not rec.remote.closed:
             try:
-                await asyncio.wait_for(rec.remote.call("__ladle_drain__", timeout_s),
+                await asyncio.wait_for(rec.remote.call("__ladle_drain__", timeout_s, quiet_s),
                                        timeout_s + 1.0)
             except Exception:
                 pass

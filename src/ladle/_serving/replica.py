@@ -62,6 +62,7 @@ class Replica:
         self._max_ongoing = spec.max_ongoing_requests
         self._ongoing = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._started = 0  # requests ever admitted: drain watches it for stragglers
         self._user: UserCallable | None = None
         self._executor = ThreadPoolExecutor(max_workers=max(4, spec.max_ongoing_requests + 2),
                                             thread_name_prefix="ladle-replica")
@@ -162,7 +163,9 @@ class Replica:
                     except ValueError:
                         pass
                 raise
+            self._started += 1
             return  # the releaser counted us in already
+        self._started += 1
         self._ongoing += 1
         if self._ongoing == 1:
             self._idle.clear()  # type: ignore[union-attr]
@@ -285,14 +288,23 @@ class Replica:
     async def _sys_stats(self) -> ReplicaStats:
         return ReplicaStats(self._ongoing + len(self._slot_waiters), self._model_ids)
 
-    async def _sys_drain(self, timeout_s: float) -> int:
-        """Wait (up to ``timeout_s``) for in-flight requests; return how many were left."""
+    async def _sys_drain(self, timeout_s: float, quiet_s: float = 0.0) -> int:
+        """Wait (up to ``timeout_s``) until no request is in flight, and none has
+        started for ``quiet_s``; return how many were still in flight."""
         assert self._idle is not None
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        return self._ongoing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return self._ongoing
+            started = self._started
+            await asyncio.sleep(max(0.0, min(quiet_s, deadline - loop.time())))
+            if self._ongoing == 0 and self._started == started:
+                return 0
+            if loop.time() >= deadline:
+                return self._ongoing
 
     async def _sys_stop(self) -> None:
         assert self._stopped is not None

@@ -359,6 +359,10 @@ class ServerConnection(_FramedProtocol):
                 task, reply = entry
                 if task is not None:
                     task.cancel()
+                    # A task cancelled before its first step (or while waiting for a slot)
+                    # never reaches its own handler; the client waits for an answer.
+                    task.add_done_callback(lambda _: reply._finished or reply.error(
+                        RequestCancelledError("The request was cancelled.")))
                 else:
                     reply.error(RequestCancelledError("The request was cancelled."))
         elif kind == CREDIT:
