@@ -201,7 +201,7 @@ class InprocRemote:
             if task is not None:
                 task.cancel()
                 # A task cancelled before its first step never reaches its own handler.
-                task.add_done_callback(lambda _: sink.finished or sink.error(
+                task.add_done_callback(lambda _: sink.error(  # no-op if it answered
                     RequestCancelledError("The request was cancelled.")))
             else:
                 sink.error(RequestCancelledError("The request was cancelled."))

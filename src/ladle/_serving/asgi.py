@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import inspect
+import json
 import logging
 import traceback
 import types
@@ -33,36 +34,92 @@ OWNER_ATTR = "__ladle_ingress_owner__"
 OWNER_CLASS_ATTR = "__ladle_ingress_class__"
 
 
-class _Responder:
-    """The ASGI ``send`` of a proxied request: forwards messages as stream items."""
+# Body chunks produced in one loop iteration travel together, up to this much.
+_MERGE_BYTES = 64 * 1024
 
-    __slots__ = ("_sink", "started", "_start")
+
+class _Responder:
+    """The ASGI ``send`` of a proxied request: forwards messages as stream items.
+
+    The start message waits for the first body so a small response is one item;
+    body chunks sent within one loop iteration are merged into one item (the
+    client gets the same bytes, in fewer HTTP chunks, never later).
+    """
+
+    __slots__ = ("_sink", "started", "_start", "_chunks", "_size", "_flush_handle",
+                 "_blocked", "_loop")
 
     def __init__(self, sink: ReplySink) -> None:
         self._sink = sink
         self.started = False
         self._start: dict[str, Any] | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._blocked = False
+        self._loop = asyncio.get_running_loop()
 
     async def send(self, message: dict[str, Any]) -> None:
+        if self._blocked:
+            await self._sink.wait_credit()
+            self._blocked = False
         kind = message["type"]
         if kind == "http.response.start":
-            # Held back so a small response travels as one item with its body.
             self._start = message
             self.started = True
             return
-        if kind == "http.response.body" and self._start is not None:
-            item: Any = (self._start, message)
+        if kind != "http.response.body":
+            self._emit(message)
+            return
+        body = message.get("body", b"")
+        if message.get("more_body", False):
+            if body:
+                self._chunks.append(body)
+                self._size += len(body)
+                if self._size >= _MERGE_BYTES:
+                    self._flush()
+                elif self._flush_handle is None:
+                    self._flush_handle = self._loop.call_soon(self._flush)
+            return
+        if self._chunks:
+            self._chunks.append(body)
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            message = {"type": "http.response.body", "body": body}
+        self._cancel_flush()
+        self._emit(message)
+
+    def _cancel_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._chunks:
+            body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            self._emit({"type": "http.response.body", "body": body, "more_body": True})
+
+    def _emit(self, message: dict[str, Any]) -> None:
+        item: Any = message
+        if self._start is not None:
+            item = (self._start, message)
             self._start = None
-        else:
-            item = message
         if not self._sink.item(item):
-            await self._sink.wait_credit()
+            self._blocked = True
 
     async def flush(self) -> None:
+        """Send what is still held back (the start of an empty or cut-off response)."""
+        self._cancel_flush()
+        self._flush()
         if self._start is not None:
-            start, self._start = self._start, None
-            if not self._sink.item((start, {"type": "http.response.body", "body": b""})):
-                await self._sink.wait_credit()
+            self._emit({"type": "http.response.body", "body": b""})
+        if self._blocked:
+            await self._sink.wait_credit()
+            self._blocked = False
 
 
 async def serve_http(user: UserCallable, scope: dict[str, Any], body: bytes, sink: ReplySink,
@@ -106,8 +163,43 @@ async def _call_plain(user: UserCallable, scope: dict[str, Any], receive: Any, s
     request = Request(scope, receive)
     fn, kind = user.method("__call__")
     result = await user.call(fn, kind, (request,), {}, "__call__")
-    response = to_response(result)
-    await response(scope, receive, send)
+    simple = _simple_response(result)
+    if simple is None:
+        await to_response(result)(scope, receive, send)
+    else:
+        await send(simple[0])
+        await send(simple[1])
+
+
+_TEXT = b"text/plain; charset=utf-8"
+_OCTETS = b"application/octet-stream"
+_JSON = b"application/json"
+
+
+def _simple_response(result: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The two ASGI messages for a plain return value, without building a Response.
+
+    The same bytes and headers Starlette's PlainTextResponse/Response/JSONResponse
+    would send; None when the value needs a real Response.
+    """
+    kind = type(result)
+    if kind is str:
+        body = result.encode()
+        media = _TEXT
+    elif kind is bytes:
+        body, media = result, _OCTETS
+    elif kind in (dict, list, int, float, bool) or result is None:
+        try:
+            body = json.dumps(result, ensure_ascii=False, allow_nan=False, indent=None,
+                              separators=(",", ":")).encode()
+        except (TypeError, ValueError):
+            return None
+        media = _JSON
+    else:
+        return None
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", media)]
+    return ({"type": "http.response.start", "status": 200, "headers": headers},
+            {"type": "http.response.body", "body": body})
 
 
 def to_response(result: Any) -> Any:

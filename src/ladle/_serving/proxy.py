@@ -192,16 +192,31 @@ class ProxyApp:
     async def _forward(self, gen: Any, request_id: str, deadline: float | None, receive: Any,
                        send: Any) -> None:
         started = False
-        watcher = asyncio.get_running_loop().create_task(_on_disconnect(receive, gen))
+        buffer = gen._req.target
+        loop = asyncio.get_running_loop()
+        # Most responses are back before a client could go away: only watch for a
+        # disconnect (a task per request) once a response takes a while.
+        watcher: list[Any] = []
+        watcher.append(loop.call_later(_WATCH_AFTER_S, _watch, receive, gen, watcher))
         try:
             async with asyncio.timeout_at(deadline):
-                async for item in gen:
+                while True:
+                    try:
+                        item = await buffer.next_async()
+                    except StopAsyncIteration:
+                        break
                     if type(item) is tuple:
                         start, item = item
                         start["headers"] = [*start.get("headers", ()),
                                             (REQUEST_ID_HEADER, request_id.encode())]
                         await send(start)
                         started = True
+                    ready = buffer.take_ready()
+                    if ready:
+                        item = _merge_bodies(item, ready)
+                        for extra in ready:
+                            await send(item)
+                            item = extra
                     await send(item)
         except TimeoutError:
             gen.cancel()
@@ -216,7 +231,7 @@ class ProxyApp:
             text = f"{type(exc).__name__}: {exc}" if self._config.debug else _phrase(status)
             await _send_text(send, status, text, request_id)
         finally:
-            watcher.cancel()
+            watcher[0].cancel()  # the timer, or the watching task it started
 
     async def _read_body(self, receive: Any, send: Any) -> bytes | None:
         limit = self._config.max_request_body_bytes
@@ -270,12 +285,36 @@ def _route_path(scope: dict[str, Any]) -> str:
     return path
 
 
+_WATCH_AFTER_S = 0.05
+
+
+def _watch(receive: Any, gen: Any, watcher: list[Any]) -> None:
+    """Start watching for the client going away (the timer of ``_forward`` fired)."""
+    watcher[0] = asyncio.get_running_loop().create_task(_on_disconnect(receive, gen))
+
+
 async def _on_disconnect(receive: Any, gen: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             gen.cancel()
             return
+
+
+def _merge_bodies(item: Any, ready: list[Any]) -> Any:
+    """Fold body chunks that are already here into ``item``; ``ready`` keeps the rest.
+
+    One ``send`` per batch instead of per chunk; the bytes are the same.
+    """
+    if item.get("type") != "http.response.body" or not item.get("more_body"):
+        return item
+    chunks = [item["body"]]
+    while ready and type(ready[0]) is dict and ready[0].get("type") == "http.response.body":
+        nxt = ready.pop(0)
+        chunks.append(nxt.get("body", b""))
+        if not nxt.get("more_body"):
+            return {"type": "http.response.body", "body": b"".join(chunks)}
+    return {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
 
 
 def _phrase(status: int) -> str:

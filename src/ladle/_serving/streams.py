@@ -89,6 +89,17 @@ class StreamBuffer:
             finally:
                 self._waiter = None
 
+    def take_ready(self) -> list[Any]:
+        """The items already here, without waiting (consumer on the router's loop)."""
+        items = self._items
+        if not items:
+            return []
+        taken = list(items)
+        items.clear()
+        for _ in taken:
+            self._took_one(threaded=False)
+        return taken
+
     def next_sync(self, timeout_s: float | None = None) -> Any:
         cond = self._cond
         assert cond is not None

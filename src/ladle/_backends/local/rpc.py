@@ -361,7 +361,7 @@ class ServerConnection(_FramedProtocol):
                     task.cancel()
                     # A task cancelled before its first step (or while waiting for a slot)
                     # never reaches its own handler; the client waits for an answer.
-                    task.add_done_callback(lambda _: reply._finished or reply.error(
+                    task.add_done_callback(lambda _: reply.error(  # no-op if it answered
                         RequestCancelledError("The request was cancelled.")))
                 else:
                     reply.error(RequestCancelledError("The request was cancelled."))
