@@ -111,9 +111,24 @@ class ProxyApp:
             await self._websocket(scope, receive, send)
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        rejected = _check_headers(scope)
-        if rejected is not None:
-            await _send_text(send, *rejected)
+        # One pass over the headers: limits, Host, and the two headers ladle reads.
+        size = 0
+        has_host = False
+        request_id = model_id = ""
+        for name, value in scope["headers"]:
+            size += len(name) + len(value)
+            if name == b"host":
+                has_host = True
+            elif name == REQUEST_ID_HEADER:
+                request_id = value.decode("latin-1")
+            elif name == MODEL_ID_HEADER:
+                model_id = value.decode("latin-1")
+        if size > MAX_HEADER_BYTES:
+            await _send_text(send, 431, f"Request headers larger than {MAX_HEADER_BYTES} bytes.")
+            return
+        if not has_host and scope.get("http_version") == "1.1":
+            # RFC 9112, section 3.2
+            await _send_text(send, 400, "HTTP/1.1 requests need a Host header.")
             return
         path = _route_path(scope)
         if path.startswith("/-/"):
@@ -126,21 +141,19 @@ class ProxyApp:
             return
         # request_timeout_s bounds the whole request, a client trickling its body included.
         timeout_s = self._config.request_timeout_s
-        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                body = await self._read_body(receive, send)
-        except TimeoutError:
-            await _send_text(send, 408, "Request timed out.", close=True)
-            return
+        deadline = None
+        if timeout_s is None:
+            body = await self._read_body(receive, send)
+        else:
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    body = await self._read_body(receive, send)
+            except TimeoutError:
+                await _send_text(send, 408, "Request timed out.", close=True)
+                return
         if body is None:
             return
-        request_id = model_id = ""
-        for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER:
-                request_id = value.decode("latin-1")
-            elif name == MODEL_ID_HEADER:
-                model_id = value.decode("latin-1")
         if not request_id:
             request_id = _context.new_request_id()
         child = self._child_scope(scope, route)
@@ -150,8 +163,18 @@ class ProxyApp:
         if model_id:
             handle = handle.options(multiplexed_model_id=model_id)
         # The replica turns user errors into responses: it needs to know about debug.
-        await self._forward(handle.remote(child, body, self._config.debug), request_id,
-                            deadline, receive, send)
+        gen = handle.remote(child, body, self._config.debug)
+        started = [False]
+        if deadline is None:
+            await self._forward(gen, request_id, receive, send, started)
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._forward(gen, request_id, receive, send, started)
+            except TimeoutError:
+                gen.cancel()
+                if not started[0]:
+                    await _send_text(send, 408, "Request timed out.", request_id)
 
     def _child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
         """The scope the replica sees: the client's, with the route prefix in root_path."""
@@ -189,9 +212,8 @@ class ProxyApp:
             pump.cancel()
             gen.cancel()
 
-    async def _forward(self, gen: Any, request_id: str, deadline: float | None, receive: Any,
-                       send: Any) -> None:
-        started = False
+    async def _forward(self, gen: Any, request_id: str, receive: Any, send: Any,
+                       started: list[bool]) -> None:
         buffer = gen._req.target
         loop = asyncio.get_running_loop()
         # Most responses are back before a client could go away: only watch for a
@@ -199,33 +221,32 @@ class ProxyApp:
         watcher: list[Any] = []
         watcher.append(loop.call_later(_WATCH_AFTER_S, _watch, receive, gen, watcher))
         try:
-            async with asyncio.timeout_at(deadline):
-                while True:
-                    try:
-                        item = await buffer.next_async()
-                    except StopAsyncIteration:
-                        break
-                    if type(item) is tuple:
-                        start, item = item
-                        start["headers"] = [*start.get("headers", ()),
-                                            (REQUEST_ID_HEADER, request_id.encode())]
-                        await send(start)
-                        started = True
-                    ready = buffer.take_ready()
-                    if ready:
-                        item = _merge_bodies(item, ready)
-                        for extra in ready:
-                            await send(item)
-                            item = extra
-                    await send(item)
-        except TimeoutError:
-            gen.cancel()
-            if not started:
-                await _send_text(send, 408, "Request timed out.", request_id)
+            while True:
+                try:
+                    item = await buffer.next_async()
+                except StopAsyncIteration:
+                    break
+                if type(item) is tuple:
+                    start, item = item
+                    headers = start.get("headers")
+                    if type(headers) is not list:
+                        headers = start["headers"] = list(headers or ())
+                    headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                    started[0] = True
+                    await send(start)
+                ready = buffer.take_ready()
+                if ready:
+                    item = _merge_bodies(item, ready)
+                    for extra in ready:
+                        await send(item)
+                        item = extra
+                await send(item)
         except RequestCancelledError:
             pass  # the client went away
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
-            if started:
+            if started[0]:
                 return  # cut the response short; the client sees a closed stream
             status = exc.status_code if isinstance(exc, LadleError) else 500
             text = f"{type(exc).__name__}: {exc}" if self._config.debug else _phrase(status)
@@ -265,16 +286,6 @@ class ProxyApp:
 # What the replica gets of the client's scope (never the server's own objects).
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
                "query_string", "client", "server", "subprotocols")
-
-
-def _check_headers(scope: dict[str, Any]) -> tuple[int, str] | None:
-    """(status, text) to refuse a request whose headers are too large or lack a Host."""
-    headers = scope["headers"]
-    if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
-        return 431, f"Request headers larger than {MAX_HEADER_BYTES} bytes."
-    if scope.get("http_version") == "1.1" and not any(name == b"host" for name, _ in headers):
-        return 400, "HTTP/1.1 requests need a Host header."  # RFC 9112, section 3.2
-    return None
 
 
 def _route_path(scope: dict[str, Any]) -> str:
@@ -410,6 +421,7 @@ class Proxy:
         sock = bind_http_socket(config.host, config.port)
         uv_config = uvicorn.Config(
             asgi, lifespan="off", http="httptools", loop="none", access_log=config.access_log,
+            proxy_headers=False,
             # uvicorn hands this to loop.call_later, so a fraction of a second works.
             timeout_keep_alive=cast(int, config.keep_alive_timeout_s),
             log_level="warning", server_header=False)
