@@ -373,7 +373,7 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
 
 
 class Proxy:
-    """The proxy process's Servable: runs uvicorn until told to stop."""
+    """The proxy process's Servable: serves HTTP until told to stop."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -386,28 +386,19 @@ class Proxy:
         self._ready = loop.create_future()
         self._stopped = asyncio.Event()
         try:
-            server, sock = self._build()
+            asgi, sock = self._build()
+            if self.config.middlewares or self.config.access_log:
+                await self._run_uvicorn(asgi, sock)
+            else:
+                await self._run_own_server(asgi, sock)
         except BaseException as exc:
-            self._ready.set_exception(exc)
-            await self._stopped.wait()
-            return
-        serving = loop.create_task(server.serve(sockets=[sock]))
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.005)  # uvicorn has no readiness event
-        if serving.done():
-            self._ready.set_exception(LadleError("The HTTP server failed to start."))
-        else:
-            self._ready.set_result({"pid": os.getpid(), "port": sock.getsockname()[1]})
-        stopping = loop.create_task(self._stopped.wait())
-        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True
-        with contextlib.suppress(BaseException):
-            await serving
-        stopping.cancel()
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+                await self._stopped.wait()
+                return
+            raise
 
     def _build(self) -> tuple[Any, socket.socket]:
-        import uvicorn
-
         config = self.config
         if config.controller_address:
             control_link.install(config.controller_address, background_loop())
@@ -418,14 +409,58 @@ class Proxy:
         for middleware in reversed(config.middlewares):
             cls, args, kwargs = middleware
             asgi = cls(asgi, *args, **kwargs)
-        sock = bind_http_socket(config.host, config.port)
-        uv_config = uvicorn.Config(
+        return asgi, bind_http_socket(config.host, config.port)
+
+    def _uvicorn_config(self, asgi: Any) -> Any:
+        import uvicorn
+
+        config = self.config
+        return uvicorn.Config(
             asgi, lifespan="off", http="httptools", loop="none", access_log=config.access_log,
             proxy_headers=False,
             # uvicorn hands this to loop.call_later, so a fraction of a second works.
             timeout_keep_alive=cast(int, config.keep_alive_timeout_s),
             log_level="warning", server_header=False)
-        return _QuietServer(uv_config), sock
+
+    async def _run_own_server(self, asgi: Any, sock: socket.socket) -> None:
+        """The fast path: ladle's own HTTP/1.1 server; uvicorn only for WebSockets."""
+        from .http_server import HttpProtocol, HttpServerState
+
+        assert self._ready is not None and self._stopped is not None
+        loop = asyncio.get_running_loop()
+        uv_config = self._uvicorn_config(asgi)
+        uv_config.load()
+        state = HttpServerState(asgi, self.config, _websocket_upgrader(uv_config))
+        server = await loop.create_server(lambda: HttpProtocol(state, MAX_HEADER_BYTES),
+                                          sock=sock, backlog=2048)
+        self._ready.set_result({"pid": os.getpid(), "port": sock.getsockname()[1]})
+        await self._stopped.wait()
+        # Stop accepting, let requests in progress finish (bounded), then close.
+        server.close()
+        for connection in list(state.connections):
+            connection.close_when_idle()
+        if state.tasks:
+            await asyncio.wait(list(state.tasks), timeout=_DRAIN_S)
+        for connection in list(state.connections):
+            connection._close()
+
+    async def _run_uvicorn(self, asgi: Any, sock: socket.socket) -> None:
+        """With user middlewares: uvicorn, which gives them the whole ASGI protocol."""
+        assert self._ready is not None and self._stopped is not None
+        loop = asyncio.get_running_loop()
+        server = _QuietServer(self._uvicorn_config(asgi))
+        serving = loop.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.005)  # uvicorn has no readiness event
+        if serving.done():
+            raise LadleError("The HTTP server failed to start.")
+        self._ready.set_result({"pid": os.getpid(), "port": sock.getsockname()[1]})
+        stopping = loop.create_task(self._stopped.wait())
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        with contextlib.suppress(BaseException):
+            await serving
+        stopping.cancel()
 
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> asyncio.Future[Any] | None:
@@ -450,6 +485,27 @@ class Proxy:
                 raise LadleError(f"the proxy has no method {method!r}")
         except Exception as exc:
             sink.error(exc)
+
+
+_DRAIN_S = 10.0
+
+
+def _websocket_upgrader(uv_config: Any) -> Any:
+    """Hand an upgraded connection to uvicorn's WebSocket protocol, as uvicorn itself does."""
+    from uvicorn.server import ServerState
+
+    if uv_config.ws_protocol_class is None:
+        return None
+    server_state = ServerState()
+
+    def upgrade(transport: Any, request: bytes) -> None:
+        protocol = uv_config.ws_protocol_class(config=uv_config, server_state=server_state,
+                                               app_state={})
+        protocol.connection_made(transport)
+        protocol.data_received(request)
+        transport.set_protocol(protocol)
+
+    return upgrade
 
 
 def _quiet_server_class() -> Any:
