@@ -293,7 +293,7 @@ def python_idle_rss(ctx: Context) -> dict[str, float]:
     with ExitStack() as stack:
         pids = [stack.enter_context(hold([PYTHON, "-c", code], stderr_path=ctx.tmp_dir / f"stderr{i}.txt",
                                          timeout_s=ctx.remaining_s(), grace_s=0))[0] for i in range(3)]
-        time.sleep(ctx.scale(1, 0.3))
+        time.sleep(0.3 if ctx.quick else 1.0)
         rss = [rss_bytes([pid]) / MB for pid in pids]
         pss = pss_bytes(pids) / MB
     return {"value": sum(rss), "per_process": statistics.median(rss), "pss": pss}

@@ -58,6 +58,7 @@ class Scenario:
     timeout_s: float
     target: float | None = None
     target_ratio: float | None = None
+    default: bool = True  # part of a run without --only
 
 
 @dataclass(slots=True)
@@ -99,6 +100,7 @@ def scenario(
     timeout_s: float = 60.0,
     target: float | None = None,
     target_ratio: float | None = None,
+    default: bool = True,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register ``fn(ctx) -> float | {"p50": .., "p99": .., ...}`` as a scenario.
 
@@ -111,6 +113,9 @@ def scenario(
     it is below the target for ``better="lower"``, at or above it for
     ``"higher"``.  ``target_ratio`` is a goal for the ratio to the baseline
     (bigger is better, e.g. 0.4 for "at least 40 % of the ceiling").
+
+    ``default=False`` leaves the scenario out of a run without ``--only``
+    (a long one, such as the soak).
     """
     if better not in ("lower", "higher"):
         raise ValueError(f"scenario {name!r}: better must be 'lower' or 'higher', not {better!r}")
@@ -124,15 +129,18 @@ def scenario(
     def register(fn: ScenarioFn) -> ScenarioFn:
         if name in REGISTRY:
             raise ValueError(f"scenario {name!r} is registered twice")
-        REGISTRY[name] = Scenario(name, unit, fn, baseline, better, timeout_s, target, target_ratio)
+        REGISTRY[name] = Scenario(name, unit, fn, baseline, better, timeout_s, target, target_ratio, default)
         return fn
 
     return register
 
 
 def plan(names: Iterable[str] | None = None) -> list[Scenario]:
-    """Scenarios to run, each preceded by its baselines; registration order otherwise."""
-    wanted = list(REGISTRY) if names is None else list(names)
+    """Scenarios to run, each preceded by its baselines; registration order otherwise.
+
+    ``names=None`` means every scenario registered with ``default=True``.
+    """
+    wanted = [n for n, sc in REGISTRY.items() if sc.default] if names is None else list(names)
     unknown = [n for n in wanted if n not in REGISTRY]
     if unknown:
         raise KeyError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")

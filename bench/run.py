@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import importlib
 import importlib.metadata
 import json
@@ -39,7 +40,7 @@ from harness import (
     to_result,
 )
 
-MODULES = ("ceilings", "scenarios_handles")
+MODULES = ("ceilings", "scenarios_handles", "scenarios_http", "soak")
 BENCH_DIR = Path(__file__).resolve().parent
 SRC_DIR = BENCH_DIR.parent / "src"
 GRACE_S = 5.0  # past a scenario's own deadline, before its process group is killed
@@ -161,7 +162,8 @@ def worker(target: str, result_path: Path, *, quick: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short run (the ceilings take well under 30 s)")
-    parser.add_argument("--only", metavar="NAME[,NAME]", help="scenarios to run (their baselines run too)")
+    parser.add_argument("--only", metavar="NAME[,NAME]",
+                        help="scenarios to run, or patterns such as 'http_*' (their baselines run too)")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
     parser.add_argument("--list", action="store_true", help="list scenarios and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -175,10 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     failed_imports = load_modules()
     if args.list:
         for sc in REGISTRY.values():
-            print(f"{sc.name:28} {sc.unit:8} better={sc.better:6} baseline={sc.baseline or '-'}")
+            print(f"{sc.name:28} {sc.unit:8} better={sc.better:6} baseline={sc.baseline or '-'}"
+                  f"{'' if sc.default else '  (only with --only)'}")
         return 0
     try:
-        todo = plan(args.only.split(",") if args.only else None)
+        # A name may be a pattern: --only 'http_*' runs every HTTP scenario.
+        names = None if not args.only else [
+            name for pattern in args.only.split(",")
+            for name in (fnmatch.filter(REGISTRY, pattern) or [pattern])]
+        todo = plan(names)
     except (KeyError, ValueError) as exc:
         parser.error(str(exc.args[0]))
 

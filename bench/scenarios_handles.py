@@ -262,8 +262,9 @@ def memory_idle(ctx: Context) -> dict[str, float]:
     """RSS summed over a fresh driver (with the controller) and its two idle replicas.
 
     Measured 1 s (0.3 s quick) after ``serve.run`` returned; extras give each
-    process, anything else the driver started, and the PSS sum (shared pages
-    split between the processes).
+    process, the other processes the driver started (the HTTP proxy, which
+    ``serve.run`` starts in the background by default), the RSS of all of
+    them, and their PSS sum (shared pages split between the processes).
     """
     script = ctx.tmp_dir / "memory.py"
     script.write_text(MEMORY_SCRIPT)
@@ -272,19 +273,21 @@ def memory_idle(ctx: Context) -> dict[str, float]:
     ):
         if line != "ready":
             raise RuntimeError(f"expected 'ready', the driver printed {line!r}")
-        time.sleep(ctx.scale(1, 0.3))
+        time.sleep(0.3 if ctx.quick else 1.0)
         children = descendant_pids(driver)
-        replicas = [pid for pid in children if "replica_main" in _cmdline(pid)]
+        replicas = [pid for pid in children if " Idle" in _cmdline(pid) and "replica_main" in _cmdline(pid)]
         others = [pid for pid in children if pid not in replicas]
         if len(replicas) != 2:
-            raise RuntimeError(f"expected 2 replica processes, found {len(replicas)}: {children}")
+            raise RuntimeError(f"expected 2 replica processes, found {len(replicas)}: "
+                               f"{[_cmdline(pid) for pid in children]}")
         figure = {
-            "value": rss_bytes([driver, *children]) / MB,
+            "value": rss_bytes([driver, *replicas]) / MB,
             "driver": rss_bytes([driver]) / MB,
             "replica_1": rss_bytes(replicas[:1]) / MB,
             "replica_2": rss_bytes(replicas[1:]) / MB,
             "others": rss_bytes(others) / MB,
             "n_others": len(others),
-            "pss": pss_bytes([driver, *children]) / MB,
+            "all": rss_bytes([driver, *children]) / MB,
+            "pss_all": pss_bytes([driver, *children]) / MB,
         }
     return figure
