@@ -207,9 +207,4 @@ def _check_target(func_or_class: Any) -> None:
                     f"got {func_or_class!r}.")
 
 
-def route_prefix_option(dep: Deployment) -> Any:
-    """The ``route_prefix`` option as given (``DEFAULT_ROUTE_PREFIX_UNSET`` if not)."""
-    return dep.config.route_prefix
-
-
 __all__ = ["Application", "Deployment", "deployment"]

@@ -46,10 +46,6 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def in_background_thread() -> bool:
-    return _thread is not None and threading.current_thread() is _thread
-
-
 def running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()

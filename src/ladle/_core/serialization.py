@@ -17,15 +17,8 @@ from typing import Any
 
 import cloudpickle
 
-loads = pickle.loads
-
 # Buffers smaller than this are cheaper to copy into the pickle than to frame.
 _OUT_OF_BAND_MIN_BYTES = 64 * 1024
-
-
-def dumps(obj: Any) -> bytes:
-    data: bytes = cloudpickle.dumps(obj, protocol=5)
-    return data
 
 
 class _ReusablePickler(threading.local):

@@ -1,8 +1,8 @@
 """Messages that cross layers: ids, request metadata and routing snapshots.
 
 Everything here is a frozen, slotted dataclass or a plain constant; nothing
-here does I/O.  The wire format of a request's metadata is a tuple (see
-``RequestMeta.to_wire``) because it is built once per request.
+here does I/O.  A request's metadata is a tuple (layout below) because it is
+built once per request.
 """
 
 from __future__ import annotations
@@ -24,22 +24,9 @@ class DeploymentID:
         return f"{self.app_name}#{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class RequestMeta:
-    """What a replica needs to know about a request besides its arguments."""
-
-    request_id: str
-    method: str = "__call__"
-    multiplexed_model_id: str = ""
-    stream: bool = False
-    route: str = ""
-
-    def to_wire(self) -> tuple[str, str, str, bool, str]:
-        return (self.request_id, self.method, self.multiplexed_model_id, self.stream, self.route)
-
-    @classmethod
-    def from_wire(cls, wire: tuple[str, str, str, bool, str]) -> RequestMeta:
-        return cls(*wire)
+# A request's metadata travels as a plain tuple, built once per request:
+#   (request_id, method, multiplexed_model_id, stream, route)
+# Indexes into it are used on the hot path instead of a class with attributes.
 
 
 @dataclass(frozen=True, slots=True)
