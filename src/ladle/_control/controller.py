@@ -136,8 +136,12 @@ class Controller:
         self._closed = True
         for task in list(self._proxy_tasks):
             task.cancel()
-        await self._stop_proxy()
-        await asyncio.gather(*(self.delete(name) for name in list(self._apps)))
+        # The proxy and the replicas drain side by side: an HTTP request in flight
+        # needs both until it finishes.
+        drain_s = max((state.target.graceful_shutdown_timeout_s for app in self._apps.values()
+                       for state in app.deployments.values()), default=0.0)
+        await asyncio.gather(self._stop_proxy(drain_s),
+                             *(self.delete(name) for name in list(self._apps)))
         await self.backend.aclose()
 
     # ------------------------------------------------------------------- proxy
@@ -198,12 +202,18 @@ class Controller:
                 logger.warning("Restarting the HTTP proxy failed (%s); retrying.", exc)
                 await asyncio.sleep(min(0.2 * 2 ** attempt, 5.0))
 
-    async def _stop_proxy(self) -> None:
+    async def _stop_proxy(self, drain_s: float) -> None:
+        """Stop accepting, let requests in flight finish (up to ``drain_s``), then stop."""
         self._proxy_config = None
         remote, self._proxy = self._proxy, None
         if remote is not None:
+            exited = asyncio.Event()
+            remote.add_close_callback(exited.set)
             try:
                 await asyncio.wait_for(remote.call("__ladle_stop__"), 5.0)
+                # uvicorn closes its socket, finishes the responses under way, and the
+                # process exits; past the deadline it is stopped below.
+                await asyncio.wait_for(exited.wait(), drain_s + 1.0)
             except Exception:
                 pass
             await remote.aclose()
@@ -221,9 +231,6 @@ class Controller:
     def has_deployment(self, deployment_id: DeploymentID) -> bool:
         app = self._apps.get(deployment_id.app_name)
         return app is not None and deployment_id.name in app.deployments
-
-    def app_names(self) -> list[str]:
-        return list(self._apps)
 
     def status(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}

@@ -102,7 +102,9 @@ class DeploymentState:
             self.target_num = target.num_replicas
         elif old.autoscaling is None:
             self.target_num = target.autoscaling.initial()
-        if target.code_version != old.code_version:
+        # A deploy that failed is tried again, even with the same code: what made the
+        # constructor fail (a missing file, a busy port) may have been fixed since.
+        if target.code_version != old.code_version or self.failed_error is not None:
             self._ever_ready = False
             self._consecutive_failures = 0
             self.failed_error = None

@@ -139,6 +139,10 @@ class Replica:
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> asyncio.Future[Any] | None:
         assert self._loop is not None
+        if type(meta) is not tuple or len(meta) != 5:
+            # Checked before a slot is taken: a request that fails past that point
+            # without reaching its handler would keep the slot forever.
+            raise TypeError(f"malformed request metadata {meta!r:.200}")
         method: str = meta[1]
         if method.startswith(SYSTEM_PREFIX):
             coro = self._system(method, args, kwargs, sink)

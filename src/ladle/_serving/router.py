@@ -204,13 +204,15 @@ class Router:
     def _on_snapshot(self, snapshot: DeploymentSnapshot) -> None:
         self._snapshot = snapshot
         self._max_queued = snapshot.max_queued_requests
-        if not snapshot.exists:
-            self._fail_all(DeploymentUnavailableError(
+        closed = hub.closed  # serve.shutdown() began: no new request reaches a draining replica
+        if closed is not None or not snapshot.exists:
+            self._fail_all(closed or DeploymentUnavailableError(
                 f"Deployment '{self.deployment_id.name}' in application "
                 f"'{self.deployment_id.app_name}' does not exist or was deleted."))
+            live = {}
         else:
             self._closed_error = None
-        live = {r.replica_id: r for r in snapshot.replicas}
+            live = {r.replica_id: r for r in snapshot.replicas}
         for replica_id, gone in list(self._slots.items()):
             if replica_id not in live:
                 self._drop(gone)

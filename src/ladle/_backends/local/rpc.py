@@ -13,12 +13,16 @@ A payload with the OOB flag starts with its out-of-band buffer table (pickle
 protocol 5), so large arrays are written without another copy.  Writes made
 in one loop iteration are coalesced into one system call.  Nothing here
 knows what a replica or a controller is: a ``RequestServer`` answers.
+
+On a Unix socket the file's mode (0600, in a 0700 directory) is the
+authentication; TCP peers authenticate first (``tcp_auth.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import pickle
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +46,30 @@ U64 = struct.Struct("<Q")
 
 REQUEST, STREAM, CANCEL, CREDIT, RESULT, ERROR, ITEM, END, INPUT = range(1, 10)
 OOB = 0x80
-MAX_FRAME_BYTES = 1 << 31  # a frame claiming more than this is garbage: drop the peer
+# A frame claiming more than this is garbage: drop the peer.  (Not a memory bound: the
+# buffer grows only with bytes actually received, never with what a header claims.)
+MAX_FRAME_BYTES = 1 << 31
+
+
+def _limits(most: dict[int, int]) -> tuple[int, ...]:
+    """Largest payload per header kind byte that one end accepts; -1 for a kind it never
+    receives, so a garbage header is refused at once instead of waiting for its payload."""
+    limits = [-1] * 256
+    for kind, n in most.items():
+        limits[kind] = n
+    return tuple(limits)
+
+
+_SERVER_LIMITS = _limits({
+    REQUEST: MAX_FRAME_BYTES, REQUEST | OOB: MAX_FRAME_BYTES,
+    STREAM: MAX_FRAME_BYTES, STREAM | OOB: MAX_FRAME_BYTES,
+    INPUT: MAX_FRAME_BYTES, INPUT | OOB: MAX_FRAME_BYTES,
+    CANCEL: 0, CREDIT: 4})
+_CLIENT_LIMITS = _limits({
+    RESULT: MAX_FRAME_BYTES, RESULT | OOB: MAX_FRAME_BYTES,
+    ERROR: MAX_FRAME_BYTES, ERROR | OOB: MAX_FRAME_BYTES,
+    ITEM: MAX_FRAME_BYTES, ITEM | OOB: MAX_FRAME_BYTES,
+    END: 0})
 
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -82,6 +109,8 @@ def _decode(payload: bytes | bytearray, oob: bool) -> Any:
 class _FramedProtocol(asyncio.Protocol):
     """Frame parsing and coalesced writes, shared by both ends."""
 
+    _limits = _SERVER_LIMITS
+
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -99,10 +128,11 @@ class _FramedProtocol(asyncio.Protocol):
         pos = 0
         end = len(buf)
         frame = self._frame
+        limits = self._limits
         while end - pos >= HEADER_SIZE:
             length, kind, key = _unpack_header(buf, pos)
-            if length > MAX_FRAME_BYTES:
-                self._protocol_error(f"frame of {length} bytes")
+            if length > limits[kind]:
+                self._protocol_error(f"frame of kind {kind} with {length} bytes")
                 return
             stop = pos + HEADER_SIZE + length
             if stop > end:
@@ -149,6 +179,8 @@ class _FramedProtocol(asyncio.Protocol):
 
 class Connection(_FramedProtocol):
     """Client end: one per (process, loop, peer); implements ``Remote``."""
+
+    _limits = _CLIENT_LIMITS
 
     def __init__(self, address: str) -> None:
         super().__init__()
@@ -366,9 +398,10 @@ class ServerConnection(_FramedProtocol):
                 else:
                     reply.error(RequestCancelledError("The request was cancelled."))
         elif kind == CREDIT:
+            (credit,) = U32.unpack(payload)  # exactly 4 bytes, or the peer is dropped
             entry = self._requests.get(key)
             if entry is not None:
-                entry[1].add_credit(U32.unpack_from(payload)[0])
+                entry[1].add_credit(credit)
         elif kind == INPUT:
             entry = self._requests.get(key)
             if entry is not None:
@@ -390,14 +423,26 @@ class ServerConnection(_FramedProtocol):
                 reply._waiter.set_result(None)
 
 
-async def open_connection(address: str) -> Connection:
-    """Connect to ``unix:/path``; the Connection is bound to the running loop."""
-    path = address.partition(":")[2]
+async def open_connection(address: str, *, secret: bytes | None = None,
+                          handshake_timeout_s: float = 5.0) -> Connection:
+    """Connect to ``unix:/path``, or to ``tcp:host:port`` with the instance's ``secret``
+    (after a mutual proof of it); the Connection is bound to the running loop."""
+    scheme, _, rest = address.partition(":")
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_unix_connection(lambda: Connection(address), path)
-    return protocol
+    if scheme == "unix":
+        _, protocol = await loop.create_unix_connection(lambda: Connection(address), rest)
+        return protocol
+    if scheme == "tcp":
+        from .tcp_auth import open_tcp_connection
+
+        return await open_tcp_connection(address, rest, secret, handshake_timeout_s)
+    raise ValueError(f"unsupported address {address!r} (expected unix:... or tcp:...)")
 
 
 async def serve_socket(sock: Any, server: RequestServer) -> asyncio.AbstractServer:
+    """Serve on a bound Unix socket (its file mode is the authentication)."""
+    if sock.family != socket.AF_UNIX:
+        raise ValueError("serve_socket takes a Unix socket; TCP listeners need serve_tcp "
+                         "and a secret")
     loop = asyncio.get_running_loop()
     return await loop.create_unix_server(lambda: ServerConnection(server), sock=sock)

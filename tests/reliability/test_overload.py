@@ -1,0 +1,121 @@
+"""Overload far past capacity: the excess is shed at once, nothing grows, service recovers.
+
+One replica takes two requests at a time (~20 ms each) and each router
+queues four more; 60 clients (HTTP and handles) send back to back for
+about two seconds.  Latency bounds here are sanity bounds, not speed
+targets: a rejection must not wait for capacity, an admitted request must
+not wait unboundedly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+
+from ladle import serve
+from ladle._api import lifecycle
+from ladle.exceptions import BackPressureError
+from ladle.handle import DeploymentHandle
+
+CLIENTS = 30  # per path: 60 in all
+DURATION_S = 2.0
+CALL_TIMEOUT_S = 10.0
+
+
+@serve.deployment(max_ongoing_requests=2, max_queued_requests=4)
+class Busy:
+    def __call__(self, arg: Any = None) -> str:
+        time.sleep(0.02)  # the work
+        return "ok"
+
+
+@dataclass(frozen=True)
+class Result:
+    path: str
+    outcome: str  # "ok", "rejected", or what else happened
+    latency_s: float
+
+
+async def overload(url: str, handle: DeploymentHandle, duration_s: float) -> list[Result]:
+    results: list[Result] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + duration_s
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+
+    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S, limits=limits) as client:
+        async def http_client() -> None:
+            while loop.time() < deadline:
+                started = time.monotonic()
+                try:
+                    response = await client.get(url)
+                    outcome = {200: "ok", 503: "rejected"}.get(response.status_code,
+                                                               f"http {response.status_code}")
+                except Exception as exc:
+                    outcome = type(exc).__name__
+                results.append(Result("http", outcome, time.monotonic() - started))
+
+        async def handle_client() -> None:
+            while loop.time() < deadline:
+                started = time.monotonic()
+                try:
+                    value = await asyncio.wait_for(handle.remote(), CALL_TIMEOUT_S)
+                    outcome = "ok" if value == "ok" else repr(value)
+                except BackPressureError:
+                    outcome = "rejected"
+                except Exception as exc:
+                    outcome = type(exc).__name__
+                results.append(Result("handle", outcome, time.monotonic() - started))
+
+        await asyncio.gather(*(http_client() for _ in range(CLIENTS)),
+                             *(handle_client() for _ in range(CLIENTS)))
+    return results
+
+
+def rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def test_overload_sheds_the_excess_and_recovers(http_url: str) -> None:
+    handle = serve.run(Busy.bind(), name="busy", route_prefix="/busy")
+    url = f"{http_url}/busy"
+    pids = lifecycle.instance_pids()
+    (replica,) = [pid for name, pid in pids.items() if name != "proxy"]
+    processes = {"proxy": pids["proxy"], "replica": replica}
+
+    # Warm up (connections, imports on first use), then measure.
+    asyncio.run(overload(url, handle, 0.5))
+    before = {name: rss(pid) for name, pid in processes.items()}
+    results = asyncio.run(overload(url, handle, DURATION_S))
+    after = {name: rss(pid) for name, pid in processes.items()}
+
+    for path in ("http", "handle"):
+        mine = [r for r in results if r.path == path]
+        outcomes = {r.outcome for r in mine}
+        assert outcomes == {"ok", "rejected"}, outcomes  # no other error, no timeout
+        admitted = [r.latency_s for r in mine if r.outcome == "ok"]
+        rejected = [r.latency_s for r in mine if r.outcome == "rejected"]
+        # Far more than one replica can take: most are shed ...
+        assert len(rejected) > len(admitted) > 10, (path, len(rejected), len(admitted))
+        # ... at once, without waiting for capacity as the admitted requests do ...
+        assert statistics.median(rejected) < statistics.median(admitted), path
+        assert max(rejected) < 5.0, path
+        # ... and admitted requests wait a bounded time.
+        assert max(admitted) < 5.0, path
+
+    for name in processes:
+        growth_mb = (after[name] - before[name]) / 2**20
+        assert growth_mb < 20, f"the {name}'s memory grew by {growth_mb:.1f} MiB"
+
+    # Once the load stops the service answers normally.
+    with httpx.Client(timeout=CALL_TIMEOUT_S) as client:
+        for _ in range(10):
+            response = client.get(url)
+            assert (response.status_code, response.text) == (200, "ok")
+            assert handle.remote().result(timeout_s=CALL_TIMEOUT_S) == "ok"
+    assert serve.status().applications["busy"].deployments["Busy"].status == "HEALTHY"
