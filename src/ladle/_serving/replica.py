@@ -14,7 +14,6 @@ import contextvars
 import inspect
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ from .asgi import (
     serve_http,
     serve_websocket,
 )
+from .threads import ThreadRunner
 from .user_code import UserCallable
 
 
@@ -64,8 +64,7 @@ class Replica:
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._started = 0  # requests ever admitted: drain watches it for stragglers
         self._user: UserCallable | None = None
-        self._executor = ThreadPoolExecutor(max_workers=max(4, spec.max_ongoing_requests + 2),
-                                            thread_name_prefix="ladle-replica")
+        self._threads = ThreadRunner(max(4, spec.max_ongoing_requests + 2), "ladle-replica")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -99,7 +98,7 @@ class Replica:
         finally:
             if self._lifespan is not None:
                 await self._lifespan.shutdown()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
 
     async def _build(self) -> None:
         spec = self.spec
@@ -111,7 +110,7 @@ class Replica:
             obj = target(*init_args, **init_kwargs)
             if inspect.isawaitable(obj):  # an async factory
                 obj = await obj
-        self._user = UserCallable(obj, spec.is_function, spec.deployment_id.name, self._executor)
+        self._user = UserCallable(obj, spec.is_function, spec.deployment_id.name, self._threads)
         if not spec.is_function and hasattr(type(obj), APP_ATTR):
             app = bind_ingress_app(obj)
             lifespan = AppLifespan(app)  # the app's startup and shutdown, as under uvicorn

@@ -9,17 +9,15 @@ What a method is gets worked out once per method name and cached.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 from .._core.errors import LadleError
 from .._core.transport import ReplySink
+from .threads import ThreadRunner
 
 SYNC, ASYNC, SYNC_GEN, ASYNC_GEN = range(4)
 # Items a sync generator may run ahead of the loop that sends them.
@@ -42,11 +40,11 @@ def method_kind(fn: Callable[..., Any]) -> int:
 class UserCallable:
     """The user's object (or function), with its methods resolved once each."""
 
-    def __init__(self, target: Any, is_function: bool, name: str, executor: Executor) -> None:
+    def __init__(self, target: Any, is_function: bool, name: str, threads: ThreadRunner) -> None:
         self.target = target
         self._is_function = is_function
         self._name = name
-        self._executor = executor
+        self._threads = threads
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
         # The ASGI app of an ingress deployment, bound to this instance.
         self.asgi_app: Any = None
@@ -92,9 +90,7 @@ class UserCallable:
 
     async def run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
-        ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._threads.run(fn, args, kwargs)
 
     async def stream(self, fn: Callable[..., Any], kind: int, args: tuple[Any, ...],
                      kwargs: dict[str, Any], sink: ReplySink, method: str) -> None:
