@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .types import ReplicaContext
@@ -25,8 +25,8 @@ class RequestContext:
     app_name: str = ""
     multiplexed_model_id: str = ""
     # Responses started while serving this request that are not finished yet:
-    # cancelling the request cancels them (see _serving.handle).
-    children: set[Any] = field(default_factory=set)
+    # cancelling the request cancels them (see _serving.handle).  Made on first use.
+    children: set[Any] | None = None
 
 
 _request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(

@@ -142,7 +142,10 @@ class DeploymentHandle:
         else:
             _start(router, req, response, needs_resolving)
         if ctx is not None:
-            _track_child(ctx.children, response)
+            children = ctx.children
+            if children is None:
+                children = ctx.children = set()
+            _track_child(children, response)
         return response
 
     def __reduce__(self) -> Any:

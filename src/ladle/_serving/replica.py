@@ -35,7 +35,7 @@ from .asgi import (
     serve_websocket,
 )
 from .threads import ThreadRunner
-from .user_code import UserCallable
+from .user_code import ASYNC, UserCallable
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,13 @@ class Replica:
 
     async def _unary(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                      sink: ReplySink) -> None:
-        await self._acquire()
+        if self._ongoing < self._max_ongoing and not self._slot_waiters:
+            self._started += 1  # _acquire's fast path, inline: this runs per request
+            self._ongoing += 1
+            if self._ongoing == 1:
+                self._idle.clear()  # type: ignore[union-attr]
+        else:
+            await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
         try:
@@ -196,7 +202,10 @@ class Replica:
                 user = self._user
                 assert user is not None
             fn, kind = user.method(meta[1])
-            value = await user.call(fn, kind, args, kwargs, meta[1])
+            if kind == ASYNC:
+                value = await fn(*args, **kwargs)
+            else:
+                value = await user.call(fn, kind, args, kwargs, meta[1])
             try:
                 sink.result(value)
             except Exception as exc:
@@ -318,6 +327,6 @@ class Replica:
 
 
 def _cancel_children(ctx: _context.RequestContext) -> None:
-    for child in list(ctx.children):
+    children, ctx.children = ctx.children, None
+    for child in list(children or ()):
         child.cancel()
-    ctx.children.clear()
