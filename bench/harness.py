@@ -59,6 +59,7 @@ class Scenario:
     target: float | None = None
     target_ratio: float | None = None
     default: bool = True  # part of a run without --only
+    versus: bool = False  # another framework against ladle's counterpart (the baseline): ratio inverted
 
 
 @dataclass(slots=True)
@@ -66,7 +67,8 @@ class Result:
     """One row of the table; ``value`` is the scalar figure or the p50.
 
     ``ratio`` is None when there is no baseline or it could not be used
-    (``note`` says why); ``error`` is set instead of ``value`` on failure.
+    (``note`` says why); ``error`` is set instead of ``value`` on failure,
+    ``skipped`` (why) when the scenario raised ``Skip``.
     ``met`` says whether the scenario's target was reached (None: no target,
     or it could not be judged).
     """
@@ -86,6 +88,15 @@ class Result:
     target: float | None = None
     target_ratio: float | None = None
     met: bool | None = None
+    versus: bool = False
+    skipped: str | None = None
+
+
+class Skip(Exception):
+    """Raised by a scenario that cannot run on this machine (an optional tool is missing).
+
+    Its row says why instead of giving a figure; it is not an error.
+    """
 
 
 REGISTRY: dict[str, Scenario] = {}
@@ -101,6 +112,7 @@ def scenario(
     target: float | None = None,
     target_ratio: float | None = None,
     default: bool = True,
+    versus: bool = False,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     """Register ``fn(ctx) -> float | {"p50": .., "p99": .., ...}`` as a scenario.
 
@@ -116,6 +128,10 @@ def scenario(
 
     ``default=False`` leaves the scenario out of a run without ``--only``
     (a long one, such as the soak).
+
+    ``versus=True`` marks another framework measured against ladle's
+    counterpart, named as its ``baseline``: the ratio is then inverted, so it
+    reads "the baseline (ladle) is N times better" (bigger still favours ladle).
     """
     if better not in ("lower", "higher"):
         raise ValueError(f"scenario {name!r}: better must be 'lower' or 'higher', not {better!r}")
@@ -125,11 +141,14 @@ def scenario(
         raise ValueError(f"scenario {name!r}: timeout_s must be positive, not {timeout_s!r}")
     if target_ratio is not None and baseline is None:
         raise ValueError(f"scenario {name!r}: target_ratio needs a baseline")
+    if versus and (baseline is None or target is not None or target_ratio is not None):
+        raise ValueError(f"scenario {name!r}: versus needs a baseline and takes no target")
 
     def register(fn: ScenarioFn) -> ScenarioFn:
         if name in REGISTRY:
             raise ValueError(f"scenario {name!r} is registered twice")
-        REGISTRY[name] = Scenario(name, unit, fn, baseline, better, timeout_s, target, target_ratio, default)
+        REGISTRY[name] = Scenario(name, unit, fn, baseline, better, timeout_s, target, target_ratio, default,
+                                  versus)
         return fn
 
     return register
@@ -162,7 +181,7 @@ def plan(names: Iterable[str] | None = None) -> list[Scenario]:
 
 def to_result(sc: Scenario, figure: Figure, elapsed_s: float) -> Result:
     res = Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, elapsed_s=elapsed_s,
-                 target=sc.target, target_ratio=sc.target_ratio)
+                 target=sc.target, target_ratio=sc.target_ratio, versus=sc.versus)
     if isinstance(figure, Mapping):
         extra = {k: float(v) for k, v in figure.items()}
         key = "p50" if "p50" in extra else "value"
@@ -177,7 +196,10 @@ def to_result(sc: Scenario, figure: Figure, elapsed_s: float) -> Result:
 
 
 def apply_baselines(results: list[Result]) -> None:
-    """Fill ``ratio``: figure relative to the baseline's, oriented so bigger is better."""
+    """Fill ``ratio``: figure relative to the baseline's, oriented so bigger is better.
+
+    For ``versus`` rows it is the baseline relative to the figure instead.
+    """
     by_name = {r.name: r for r in results}
 
     def ratio(mine: float | None, theirs: float | None, better: Better) -> float | None:
@@ -186,17 +208,20 @@ def apply_baselines(results: list[Result]) -> None:
         return theirs / mine if better == "lower" else mine / theirs
 
     for r in results:
-        if r.baseline is None or r.error is not None:
+        if r.baseline is None or r.error is not None or r.skipped is not None:
             continue
         base = by_name.get(r.baseline)
-        if base is None or base.error is not None:
-            r.note = "baseline not run" if base is None else "baseline failed"
+        if base is None or base.error is not None or base.skipped is not None:
+            r.note = "baseline not run" if base is None else "baseline failed" if base.error else "baseline skipped"
             continue
         if base.unit != r.unit:
             r.note = f"unit {r.unit} vs {base.unit}"
             continue
         r.ratio = ratio(r.value, base.value, r.better)
         r.ratio_p99 = ratio(r.p99, base.p99, r.better)
+        if r.versus:
+            r.ratio = None if r.ratio is None else 1.0 / r.ratio
+            r.ratio_p99 = None if r.ratio_p99 is None else 1.0 / r.ratio_p99
 
 
 def to_target(r: Result) -> float | None:
@@ -209,7 +234,7 @@ def to_target(r: Result) -> float | None:
 def apply_targets(results: list[Result]) -> None:
     """Fill ``met`` from ``target`` and ``target_ratio``; call after ``apply_baselines``."""
     for r in results:
-        if r.error is not None or (r.target is None and r.target_ratio is None):
+        if r.error is not None or r.skipped is not None or (r.target is None and r.target_ratio is None):
             continue
         verdicts = []
         if r.target is not None and r.value is not None:
@@ -225,6 +250,8 @@ def _met_text(r: Result) -> str:
         return ""
     if r.error is not None:
         return "NO"
+    if r.skipped is not None:
+        return "n/a"
     return {None: "n/a", True: "yes", False: "NO"}[r.met]
 
 
@@ -251,7 +278,10 @@ def _fmt(x: float | None) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    """The report: figure, p99, unit, baseline, ratio, target and whether it was met."""
+    """The report: figure, p99, unit, baseline, ratio, target and whether it was met.
+
+    A ``versus`` row's ratio reads ``base N.NNx``: the baseline did N times better.
+    """
     head = ("scenario", "figure", "p99", "unit", "better", "baseline", "ratio", "target", "met", "time_s", "extra")
     rows: list[tuple[str, ...]] = []
     for r in results:
@@ -259,9 +289,15 @@ def format_table(results: list[Result]) -> str:
             rows.append((r.name, "ERROR", "", r.unit, r.better, r.baseline or "", "", _target_text(r),
                          _met_text(r), f"{r.elapsed_s:.1f}", r.error))
             continue
+        if r.skipped is not None:
+            rows.append((r.name, "skipped", "", r.unit, r.better, r.baseline or "", "", _target_text(r),
+                         _met_text(r), f"{r.elapsed_s:.1f}", r.skipped))
+            continue
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         if r.ratio_p99 is not None:
             ratio += f" (p99 {r.ratio_p99:.2f}x)"
+        if r.versus and r.ratio is not None:
+            ratio = f"base {ratio}"  # the baseline (ladle) is N times better
         if r.baseline and r.ratio is None:
             ratio = f"n/a ({r.note})" if r.note else "n/a"
         rows.append(

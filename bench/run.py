@@ -32,6 +32,7 @@ from harness import (
     Context,
     Result,
     Scenario,
+    Skip,
     apply_baselines,
     apply_targets,
     descendant_pids,
@@ -40,7 +41,7 @@ from harness import (
     to_result,
 )
 
-MODULES = ("ceilings", "scenarios_handles", "scenarios_http", "soak")
+MODULES = ("ceilings", "scenarios_handles", "scenarios_http", "soak", "scenarios_ray")
 BENCH_DIR = Path(__file__).resolve().parent
 SRC_DIR = BENCH_DIR.parent / "src"
 GRACE_S = 5.0  # past a scenario's own deadline, before its process group is killed
@@ -120,6 +121,9 @@ def run_one(sc: Scenario, *, quick: bool) -> Result:
         if error is None:
             reply = json.loads(result_path.read_text())
             error = reply.get("error")
+        if error is None and reply.get("skipped") is not None:
+            return Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, elapsed_s=elapsed_s, target=sc.target,
+                          target_ratio=sc.target_ratio, versus=sc.versus, skipped=reply["skipped"])
         if error is not None:
             return Result(sc.name, sc.unit, sc.better, baseline=sc.baseline, error=error, elapsed_s=elapsed_s,
                           target=sc.target, target_ratio=sc.target_ratio)
@@ -149,6 +153,9 @@ def worker(target: str, result_path: Path, *, quick: bool) -> int:
         sc = REGISTRY[name]
         figure = sc.fn(Context(quick=quick, deadline=t0 + sc.timeout_s, tmp_dir=tmp_dir))
         reply: dict[str, object] = {"figure": figure, "elapsed_s": time.monotonic() - t0}
+    except Skip as exc:
+        print(f"bench: {target} skipped: {exc}", file=sys.stderr)
+        reply = {"skipped": str(exc)}
     except BaseException as exc:
         traceback.print_exc()
         reply = {"error": (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:200].rstrip(": ")}
@@ -199,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(todo)}] {sc.name} ...", file=sys.stderr, flush=True)
         res = run_one(sc, quick=args.quick)
         results.append(res)
-        status = f"ERROR {res.error}" if res.error else f"{res.value:.4g} {res.unit}"
+        status = (f"ERROR {res.error}" if res.error else f"skipped: {res.skipped}" if res.skipped
+                  else f"{res.value:.4g} {res.unit}")
         print(f"[{i}/{len(todo)}] {sc.name}: {status} ({res.elapsed_s:.1f} s)", file=sys.stderr, flush=True)
     apply_baselines(results)
     apply_targets(results)
