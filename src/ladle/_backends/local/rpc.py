@@ -71,6 +71,10 @@ _CLIENT_LIMITS = _limits({
     ITEM: MAX_FRAME_BYTES, ITEM | OOB: MAX_FRAME_BYTES,
     END: 0})
 
+# Parts (about two per frame) written at once at the latest; fewer wait for the end
+# of the loop iteration, to share one system call.
+_FLUSH_PARTS = 128
+
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 
@@ -156,8 +160,13 @@ class _FramedProtocol(asyncio.Protocol):
     def _send(self, parts: list[bytes | memoryview]) -> None:
         if self._closed:
             return
-        self._out.extend(parts)
-        if not self._flush_scheduled:
+        out = self._out
+        out.extend(parts)
+        if len(out) >= _FLUSH_PARTS:
+            # Don't hold a whole burst back to the end of the loop iteration: the
+            # peer can start on its first part while this side makes the rest.
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -168,7 +177,7 @@ class _FramedProtocol(asyncio.Protocol):
             out.clear()
             return
         self._out = []
-        if len(out) <= 64:
+        if len(out) <= _FLUSH_PARTS:
             self._transport.write(b"".join(out))
         else:
             self._transport.writelines(out)
