@@ -68,9 +68,19 @@ class _GranianServer:
 class GranianProxy(Proxy):
     """ladle's proxy, served by granian: everything but the server is ``Proxy``'s."""
 
-    def _build(self) -> tuple[Any, socket.socket]:
-        uvicorn_server, sock = super()._build()  # the app, middlewares and socket, as ladle builds them
-        return _GranianServer(uvicorn_server.config.app, sock, self.config), sock
+    async def _run_own_server(self, asgi: Any, sock: socket.socket) -> None:
+        await self._run_uvicorn(asgi, sock)  # the same start/ready/stop sequence as uvicorn's
+
+    async def _run_uvicorn(self, asgi: Any, sock: socket.socket) -> None:
+        import ladle._serving.proxy as proxy_module
+
+        config = self.config
+        original = proxy_module._QuietServer
+        proxy_module._QuietServer = lambda _uv_config: _GranianServer(asgi, sock, config)
+        try:
+            await super()._run_uvicorn(asgi, sock)
+        finally:
+            proxy_module._QuietServer = original
 
 
 def use_granian_proxy() -> None:
