@@ -51,6 +51,11 @@ def no_leaked_processes() -> Iterator[None]:
     """Shut the instance down after each test; any child process left is a failure."""
     before = {p.pid for p in _children()}
     yield
+    shutdown_and_check_no_leaks(before, "test")
+
+
+def shutdown_and_check_no_leaks(before: set[int], what: str) -> None:
+    """``serve.shutdown()``, then fail if a child not in ``before`` outlives a deadline."""
     serve.shutdown()
     deadline = time.monotonic() + 10
     leaked: list[psutil.Process] = []
@@ -61,7 +66,7 @@ def no_leaked_processes() -> Iterator[None]:
         time.sleep(0.05)
     for proc in leaked:
         proc.kill()
-    pytest.fail(f"test leaked processes: {[(p.pid, _cmdline(p)) for p in leaked]}")
+    pytest.fail(f"{what} leaked processes: {[(p.pid, _cmdline(p)) for p in leaked]}")
 
 
 def _alive(proc: psutil.Process) -> bool:

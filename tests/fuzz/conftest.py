@@ -3,17 +3,14 @@ check at module teardown instead of after every test, and a count of the inputs 
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from ladle import serve
-from tests.conftest import _alive, _children, _cmdline
+from tests.conftest import _children, shutdown_and_check_no_leaks
 
 # Inputs tried per kind in this session (printed in pytest's summary).
 INPUTS: Counter[str] = Counter()
@@ -32,17 +29,7 @@ def no_leaked_processes() -> Iterator[None]:
     down and look for leaked children once, when the module is done."""
     before = {p.pid for p in _children()}
     yield
-    serve.shutdown()
-    deadline = time.monotonic() + 10
-    leaked: list[psutil.Process] = []
-    while time.monotonic() < deadline:
-        leaked = [p for p in _children() if p.pid not in before and _alive(p)]
-        if not leaked:
-            return
-        time.sleep(0.05)
-    for proc in leaked:
-        proc.kill()
-    pytest.fail(f"fuzz module leaked processes: {[(p.pid, _cmdline(p)) for p in leaked]}")
+    shutdown_and_check_no_leaks(before, "fuzz module")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
