@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ladle import serve
 from tests.conftest import wait_for
 
