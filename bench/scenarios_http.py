@@ -339,6 +339,17 @@ def _ladle_ok() -> Any:
     return Ok.bind()
 
 
+def _ladle_ok_async() -> Any:
+    from ladle import serve
+
+    @serve.deployment
+    class OkAsync:
+        async def __call__(self, request: Any) -> str:
+            return "ok"
+
+    return OkAsync.bind()
+
+
 def _ladle_fastapi() -> Any:
     from ladle import serve
 
@@ -387,6 +398,14 @@ def http_bare_granian_64(ctx: Context) -> dict[str, float]:
 def http_ladle_64(ctx: Context) -> dict[str, float]:
     """A deployment whose ``__call__`` returns "ok", behind ladle's proxy; wrk -t2 -c64."""
     with ladle_server(_ladle_ok()) as url:
+        return throughput(ctx, url)
+
+
+@scenario("http_ladle_async_64", "req/s", baseline="http_bare_uvicorn_64", better="higher",
+          timeout_s=_HTTP_TIMEOUT_S)
+def http_ladle_async_64(ctx: Context) -> dict[str, float]:
+    """As ``http_ladle_64`` with an ``async def __call__`` (no thread hop); for information."""
+    with ladle_server(_ladle_ok_async()) as url:
         return throughput(ctx, url)
 
 
