@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +25,15 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
         time.sleep(interval_s)
+
+
+def read_line_within(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """The next line a child process prints on stdout, or fail after ``timeout_s``."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    if not ready:
+        raise AssertionError(f"the process printed nothing within {timeout_s}s")
+    return proc.stdout.readline()
 
 
 def replica_pids() -> set[int]:

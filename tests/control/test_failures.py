@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from ladle import serve
 from ladle.exceptions import ReplicaDiedError
-from tests.conftest import replica_pids, wait_for
+from tests.conftest import read_line_within, replica_pids, wait_for
 
 
 def gone(pid: int) -> bool:
@@ -114,14 +113,6 @@ DRIVER_SCRIPT = """
 """
 
 
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-    if not ready:
-        raise AssertionError(f"the driver printed nothing within {timeout_s}s")
-    return proc.stdout.readline()
-
-
 def test_killed_driver_leaves_no_replica(tmp_path: Path) -> None:
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER_SCRIPT))
@@ -129,7 +120,7 @@ def test_killed_driver_leaves_no_replica(tmp_path: Path) -> None:
                               stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
     pids: list[int] = []
     try:
-        line = _read_line(driver, 30)
+        line = read_line_within(driver, 30)
         pids = json.loads(line)
         assert len(pids) == 2 and driver.pid not in pids
         assert not any(gone(pid) for pid in pids)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import psutil
 
 from ladle import serve
 from ladle._api.lifecycle import http_port
-from tests.conftest import wait_for
+from tests.conftest import read_line_within, wait_for
 
 
 def gone(pid: int) -> bool:
@@ -86,14 +85,6 @@ DRIVER_SCRIPT = """
 """
 
 
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-    if not ready:
-        raise AssertionError(f"the driver printed nothing within {timeout_s}s")
-    return proc.stdout.readline()
-
-
 def test_sigkilled_driver_leaves_no_replica_and_no_proxy(tmp_path: Path) -> None:
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER_SCRIPT))
@@ -101,7 +92,7 @@ def test_sigkilled_driver_leaves_no_replica_and_no_proxy(tmp_path: Path) -> None
                               stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
     pids: list[int] = []
     try:
-        info = json.loads(_read_line(driver, 30))
+        info = json.loads(read_line_within(driver, 30))
         pids = list(info["pids"].values())
         assert "proxy" in info["pids"] and len(pids) == 3  # two replicas and the proxy
         assert not any(gone(pid) for pid in pids)

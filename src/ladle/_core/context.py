@@ -27,6 +27,9 @@ class RequestContext:
     # Responses started while serving this request that are not finished yet:
     # cancelling the request cancels them (see _serving.handle).  Made on first use.
     children: set[Any] | None = None
+    # False where nothing would ever cancel the children (the proxy, which
+    # cancels its one call directly): saves the bookkeeping per request.
+    track_children: bool = True
 
 
 _request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(

@@ -141,7 +141,7 @@ class DeploymentHandle:
             loop.call_soon_threadsafe(_start, router, req, response, needs_resolving)
         else:
             _start(router, req, response, needs_resolving)
-        if ctx is not None:
+        if ctx is not None and ctx.track_children:
             children = ctx.children
             if children is None:
                 children = ctx.children = set()

@@ -158,7 +158,8 @@ class ProxyApp:
             request_id = _context.new_request_id()
         child = self._child_scope(scope, route)
         _context.set_request(_context.RequestContext(
-            request_id, route.prefix, route.deployment_id.app_name, model_id))
+            request_id, route.prefix, route.deployment_id.app_name, model_id,
+            track_children=False))
         handle = route.handle
         if model_id:
             handle = handle.options(multiplexed_model_id=model_id)
@@ -191,7 +192,8 @@ class ProxyApp:
             return
         request_id = _context.new_request_id()
         _context.set_request(_context.RequestContext(
-            request_id, route.prefix, route.deployment_id.app_name, ""))
+            request_id, route.prefix, route.deployment_id.app_name, "",
+            track_children=False))
         gen: Any = route.ws_handle.remote(self._child_scope(scope, route))
 
         async def client_to_replica() -> None:
