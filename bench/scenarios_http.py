@@ -339,6 +339,18 @@ def _ladle_ok() -> Any:
     return Ok.bind()
 
 
+def _ladle_ok_wide() -> Any:
+    """``_ladle_ok`` with room for every connection's request at once on the replica."""
+    from ladle import serve
+
+    @serve.deployment(max_ongoing_requests=CONNECTIONS)
+    class OkWide:
+        def __call__(self, request: Any) -> str:
+            return "ok"
+
+    return OkWide.bind()
+
+
 def _ladle_ok_async() -> Any:
     from ladle import serve
 
@@ -406,6 +418,15 @@ def http_ladle_64(ctx: Context) -> dict[str, float]:
 def http_ladle_async_64(ctx: Context) -> dict[str, float]:
     """As ``http_ladle_64`` with an ``async def __call__`` (no thread hop); for information."""
     with ladle_server(_ladle_ok_async()) as url:
+        return throughput(ctx, url)
+
+
+@scenario("http_ladle_wide_64", "req/s", baseline="http_bare_uvicorn_64", better="higher",
+          timeout_s=_HTTP_TIMEOUT_S)
+def http_ladle_wide_64(ctx: Context) -> dict[str, float]:
+    """As ``http_ladle_64`` with ``max_ongoing_requests=64`` instead of the default 5; for
+    information: it shows what the default's proxy-replica round trips cost."""
+    with ladle_server(_ladle_ok_wide()) as url:
         return throughput(ctx, url)
 
 

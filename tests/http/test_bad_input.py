@@ -6,14 +6,16 @@ the connection), never 500s on its own account, and keeps serving the next reque
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from ladle import serve
 from ladle._api.lifecycle import http_port
@@ -199,6 +201,92 @@ def test_invalid_json_does_not_hurt_the_proxy(http_url: str) -> None:
         assert client.post("/json", content=b"\xff\xfe\x00",
                            headers={"content-type": "application/json"}).status_code == 500
         assert client.post("/json", json={"x": 1}).json() == {"got": {"x": 1}}
+
+
+@serve.deployment
+class EchoesHeader:
+    def __call__(self, request: Request) -> Response:
+        return Response("ok", headers={"x-echo": request.query_params["v"]})
+
+
+def test_replica_header_with_crlf_is_refused(http_url: str) -> None:
+    serve.run(EchoesHeader.bind(), name="echo", route_prefix="/echo")
+    with httpx.Client(base_url=http_url, timeout=10) as client:
+        bad = client.get("/echo", params={"v": "a\r\nx-injected: 1"})
+        assert bad.status_code == 500
+        assert "x-injected" not in bad.headers
+        assert bad.headers["x-request-id"]
+        good = client.get("/echo", params={"v": "plain"})
+        assert good.status_code == 200 and good.headers["x-echo"] == "plain"
+
+
+def test_pipelined_requests_are_answered_in_order(http_url: str) -> None:
+    """Answers the proxy gives itself (404, /-/healthz) and answers from a replica,
+    pipelined on one connection, come back in the order they were asked."""
+    serve.run(Named.bind("a"), name="a", route_prefix="/a")
+    paths = [b"/a/1", b"/nowhere", b"/a/2", b"/-/healthz", b"/a/3"]
+    request = b"".join(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % p for p in paths[:-1])
+    request += b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % paths[-1]
+    raw = exchange(port_of(http_url), request)
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+    assert statuses == [200, 404, 200, 200, 200]
+    assert raw.index(b'"/a/1"') < raw.index(b"not found") < raw.index(b'"/a/2"') \
+        < raw.index(b"success") < raw.index(b'"/a/3"')
+
+
+@serve.deployment
+class CountsChunks:
+    """Streams ``n`` chunks of 64 KiB, writing how many it has produced to ``progress``."""
+
+    def __call__(self, request: Request) -> StreamingResponse:
+        progress, n = request.query_params["progress"], int(request.query_params["n"])
+
+        def chunks():  # type: ignore[no-untyped-def]
+            for i in range(n):
+                with open(progress, "w") as f:
+                    f.write(str(i + 1))
+                yield b"x" * 65536
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
+
+def test_a_client_that_stops_reading_holds_the_replica_back(http_url: str, tmp_path: Path) -> None:
+    """Flow control end to end: while the client reads nothing, the replica's generator
+    stops well short of the end; once it reads, every byte arrives."""
+    serve.run(CountsChunks.bind(), name="chunks", route_prefix="/chunks")
+    progress = tmp_path / "progress"
+    n = 2000  # 125 MiB if nothing held the producer back
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port_of(http_url)))
+        sock.sendall(b"GET /chunks?n=%d&progress=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Connection: close\r\n\r\n" % (n, str(progress).encode()))
+        seen: list[int] = []
+
+        def stalled() -> bool:
+            seen.append(int(progress.read_text() or 0) if progress.exists() else 0)
+            return len(seen) > 10 and seen[-1] > 0 and seen[-1] == seen[-10]
+
+        wait_for(stalled, timeout_s=20, interval_s=0.05, message="the producer to stall")
+        assert seen[-1] < n // 4, f"the producer ran {seen[-1]} chunks ahead of the client"
+        received = 0
+        body_start = None
+        head = b""
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            if body_start is None:
+                head += data
+                if b"\r\n\r\n" in head:
+                    body_start = head.index(b"\r\n\r\n") + 4
+                    received = len(head) - body_start
+            else:
+                received += len(data)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    # Chunked framing adds a few bytes per chunk; the payload itself is n * 64 KiB.
+    assert received >= n * 65536
 
 
 def test_slow_client_gets_its_answer(http_url: str) -> None:

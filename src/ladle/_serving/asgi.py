@@ -122,19 +122,33 @@ class _Responder:
             self._blocked = False
 
 
-async def serve_http(user: UserCallable, scope: dict[str, Any], body: bytes, sink: ReplySink,
-                     deployment: str, debug: bool) -> None:
+_ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
+
+
+def http_scope(packed: tuple[Any, ...]) -> dict[str, Any]:
+    """The ASGI scope of a request the proxy packed (``ProxyApp.child_scope``)."""
+    http_version, method, path, raw_path, query_string, headers, client, server, root_path = (
+        packed)
+    return {"type": "http", "asgi": dict(_ASGI_VERSION), "http_version": http_version,
+            "method": method, "scheme": "http", "path": path, "raw_path": raw_path,
+            "query_string": query_string, "headers": headers, "client": client,
+            "server": server, "root_path": root_path}
+
+
+async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: bytes,
+                     sink: ReplySink, deployment: str, debug: bool) -> None:
     """Answer one HTTP request; errors become 500 (or the error's own status)."""
+    scope = http_scope(packed_scope)
     responder = _Responder(sink)
     body_sent = False
-    disconnected = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
         nonlocal body_sent
         if not body_sent:
             body_sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await disconnected.wait()  # the request is cancelled when the client goes away
+        # Wait for good: when the client goes away, the request is cancelled.
+        await asyncio.get_running_loop().create_future()
         return {"type": "http.disconnect"}
 
     try:
@@ -152,7 +166,7 @@ async def serve_http(user: UserCallable, scope: dict[str, Any], body: bytes, sin
                      "".join(traceback.format_exception(exc)))
         if responder.started:
             raise  # headers are out: the proxy can only cut the response short
-        text = "".join(traceback.format_exception(exc)) if debug else _reason(status)
+        text = "".join(traceback.format_exception(exc)) if debug else reason_phrase(status)
         await _send_text(responder, status, text)
     sink.end()
 
@@ -220,7 +234,7 @@ def to_response(result: Any) -> Any:
         return JSONResponse(jsonable_encoder(result))
 
 
-def _reason(status: int) -> str:
+def reason_phrase(status: int) -> str:
     from http import HTTPStatus
 
     try:

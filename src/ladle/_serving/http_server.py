@@ -1,11 +1,15 @@
-"""The proxy's own HTTP/1.1 server: httptools parsing, straight into ``ProxyApp``.
+"""The proxy's own HTTP/1.1 server: httptools parsing, no ASGI in between.
 
-uvicorn costs about as much per request as all of ladle's forwarding, and the
-proxy needs little of it: the body is read whole (the replica gets it in one
-piece anyway), responses come back as complete ASGI messages.  So the proxy
-serves HTTP itself, and hands a connection to uvicorn only to upgrade it to a
-WebSocket.  When the user configures middlewares, the proxy runs uvicorn
-instead (see ``proxy.py``): middlewares may need the full ASGI protocol.
+uvicorn costs about as much per request as all of ladle's forwarding, and a
+task plus a chain of ASGI coroutines per request cost about as much again.
+The proxy needs neither: the body is read whole (the replica gets it in one
+piece anyway), and the replica's response arrives as complete ASGI messages
+that can be written as they come.  So each parsed request goes straight to
+a ``forward`` callable (``http_forward.py``), which answers through this
+connection's ``write``/``finished``.  A connection is handed to uvicorn only
+to upgrade it to a WebSocket.  When the user configures middlewares, the
+proxy runs uvicorn instead (see ``proxy.py``): they need the full ASGI
+protocol.
 
 Per connection, requests are answered one at a time in arrival order
 (pipelined requests wait their turn).  Limits: header bytes, body bytes,
@@ -17,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -27,29 +32,93 @@ _MAX_PIPELINED = 16
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
-def _status_line(status: int) -> bytes:
+def status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else f"HTTP/1.1 {status} \r\n".encode()
+
+
+def simple_response(status: int, body: bytes, media_type: bytes,
+                    extra: list[tuple[bytes, bytes]] | None = None, *,
+                    close: bool = False) -> bytes:
+    """A whole response with a known body, as bytes."""
+    parts = [status_line(status), b"content-type: ", media_type, b"\r\ncontent-length: ",
+             str(len(body)).encode(), b"\r\n"]
+    for name, value in extra or ():
+        parts += [name, b": ", value, b"\r\n"]
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts += [b"\r\n", body]
+    return b"".join(parts)
+
+
+class Request:
+    """One parsed request, body included."""
+
+    __slots__ = ("method", "url", "raw_path", "path", "query_string", "headers", "body",
+                 "http_version", "keep_alive")
+
+    def __init__(self, method: str, url: bytes, raw_path: bytes, path: str, query_string: bytes,
+                 headers: list[tuple[bytes, bytes]], body: bytes, http_version: str,
+                 keep_alive: bool) -> None:
+        self.method = method
+        self.url = url
+        self.raw_path = raw_path
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers
+        self.body = body
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+
+
+class Exchange(Protocol):
+    """What ``forward`` returns for a request still in flight."""
+
+    def client_gone(self) -> None: ...
+    def time_out(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+Forward = Callable[["HttpProtocol", Request], "Exchange | None"]
 
 
 class HttpServerState:
     """What all connections of one server share."""
 
-    def __init__(self, app: Any, config: Any, ws_upgrade: Any) -> None:
-        self.app = app
+    def __init__(self, forward: Forward, config: Any, ws_upgrade: Any) -> None:
+        self.forward = forward
         self.config = config
         self.ws_upgrade = ws_upgrade  # (transport, request bytes) -> None, or None
         self.connections: set[HttpProtocol] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight = 0
+        self._drained: asyncio.Future[None] | None = None
+        self._unflushed: list[HttpProtocol] = []
+        self._loop = asyncio.get_running_loop()
 
+    def flush_later(self, conn: HttpProtocol) -> None:
+        # Responses are written at the end of the loop pass, after the data plane has
+        # sent the requests that the freed replica slots let through: the replica
+        # works on those while this process writes to its clients.
+        if not self._unflushed:
+            self._loop.call_soon(self._flush_all)
+        self._unflushed.append(conn)
 
-class _Request:
-    __slots__ = ("scope", "body", "keep_alive")
+    def _flush_all(self) -> None:
+        unflushed, self._unflushed = self._unflushed, []
+        for conn in unflushed:
+            conn.flush()
 
-    def __init__(self, scope: dict[str, Any], body: bytes, keep_alive: bool) -> None:
-        self.scope = scope
-        self.body = body
-        self.keep_alive = keep_alive
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        drained = self._drained
+        if self.in_flight == 0 and drained is not None and not drained.done():
+            drained.set_result(None)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) until no request is in flight."""
+        if self.in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._drained], timeout=timeout_s)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -59,90 +128,100 @@ class HttpProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._max_header_bytes = max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
-        self._transport: Any = None
-        self._server: tuple[str, int] | None = None
-        self._client: tuple[str, int] | None = None
+        self.transport: Any = None
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
-        self._pending: deque[_Request] = deque()
+        self._pending: deque[Request] = deque()
+        self._out: list[bytes] | None = None  # written at the end of the loop pass
+        self._exchange: Exchange | None = None
         self._busy = False
-        self._closed = False
-        self._disconnected: asyncio.Future[None] = self._loop.create_future()
+        self._dispatching = False
+        self.closed = False
+        self.paused = False  # the client reads slower than responses are written
+        self._idle = False
+        self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._request_timer: asyncio.TimerHandle | None = None
         self._too_large = 0  # the status to answer when a limit stopped the parser
-        self._writable: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ connection
 
     def connection_made(self, transport: Any) -> None:
-        self._transport = transport
+        self.transport = transport
         self._state.connections.add(self)
         sock = transport.get_extra_info("socket")
         try:
-            self._server = sock.getsockname()[:2]
-            self._client = sock.getpeername()[:2]
+            self.server = sock.getsockname()[:2]
+            self.client = sock.getpeername()[:2]
         except (AttributeError, OSError):
             pass
-        self._arm_idle()
+        self._become_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.closed = True
         self._state.connections.discard(self)
         self._cancel_timers()
-        if not self._disconnected.done():
-            self._disconnected.set_result(None)
-        self.resume_writing()
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.client_gone()
+            self._state.request_done()
 
     def pause_writing(self) -> None:
-        if self._writable is None:
-            self._writable = self._loop.create_future()
+        self.paused = True
 
     def resume_writing(self) -> None:
-        writable, self._writable = self._writable, None
-        if writable is not None and not writable.done():
-            writable.set_result(None)
-
-    async def drain(self) -> None:
-        """Wait while the client reads slower than the response is produced."""
-        if self._writable is not None:
-            await asyncio.shield(self._writable)
+        self.paused = False
+        if self._exchange is not None:
+            self._exchange.resume()
 
     def data_received(self, data: bytes) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._upgrade(data[upgrade.args[0]:] if upgrade.args else b"")
         except httptools.HttpParserError:
             if self._too_large == 431:
-                self._reject(431, "Request headers too large.")
+                self.reject(431, "Request headers too large.")
             elif self._too_large == 413:
-                self._reject(413, "Request body too large.")
+                self.reject(413, "Request body too large.")
             else:
-                self._reject(400, "Invalid HTTP request.")
+                self.reject(400, "Invalid HTTP request.")
 
-    def _reject(self, status: int, text: str) -> None:
-        """Answer an unparseable or oversized request and close the connection."""
-        if self._closed:
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the client; it is sent at the end of this loop pass."""
+        if self.closed:
             return
-        body = text.encode()
-        self._transport.write(b"".join((
-            _status_line(status), b"content-type: text/plain; charset=utf-8\r\n",
-            b"content-length: ", str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n",
-            body)))
-        self._close()
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self._state.flush_later(self)
+        else:
+            out.append(data)
 
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
+    def flush(self) -> None:
+        out, self._out = self._out, None
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def reject(self, status: int, text: str) -> None:
+        """Answer an unparseable or oversized request and close the connection."""
+        if not self.closed:
+            self.write(simple_response(status, text.encode(), b"text/plain; charset=utf-8",
+                                       close=True))
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
             self._cancel_timers()
-            self._transport.close()
+            self.transport.close()
 
     def _cancel_timers(self) -> None:
         for timer in (self._idle_timer, self._request_timer):
@@ -150,9 +229,24 @@ class HttpProtocol(asyncio.Protocol):
                 timer.cancel()
         self._idle_timer = self._request_timer = None
 
-    def _arm_idle(self) -> None:
-        timeout_s = self._config.keep_alive_timeout_s
-        self._idle_timer = self._loop.call_later(timeout_s, self._close)
+    def _become_idle(self) -> None:
+        # One timer per keep-alive period, not one per request: it re-arms itself
+        # while the connection keeps being used.
+        self._idle = True
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self._config.keep_alive_timeout_s,
+                                                     self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if not self._idle or self._busy:
+            return  # re-armed when the connection is idle again
+        left = self._idle_since + self._config.keep_alive_timeout_s - self._loop.time()
+        if left > 0.001:
+            self._idle_timer = self._loop.call_later(left, self._idle_check)
+        else:
+            self.close()
 
     # ------------------------------------------------------- parser callbacks
 
@@ -181,7 +275,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         for name, value in self._headers:
             if name == b"expect" and value.lower() == b"100-continue" and not self._busy:
-                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -193,88 +287,80 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._parser.should_upgrade():
             return
+        url = self._url
         try:
-            parsed = httptools.parse_url(self._url)
-            raw_path = parsed.path
-            path = unquote(raw_path.decode("ascii"))
+            if url[:1] == b"/" and b"%" not in url and b"?" not in url and b"#" not in url:
+                raw_path, path, query = url, url.decode("ascii"), b""  # the usual case
+            else:
+                parsed = httptools.parse_url(url)
+                raw_path = parsed.path
+                path = unquote(raw_path.decode("ascii"))
+                query = parsed.query or b""
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
-            self._reject(400, "Invalid request target.")
+            self.reject(400, "Invalid request target.")
             return
-        scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": self._parser.get_http_version(),
-            "method": self._parser.get_method().decode("ascii"),
-            "scheme": "http", "path": path,
-            "raw_path": raw_path, "query_string": parsed.query or b"",
-            "headers": self._headers, "client": self._client, "server": self._server,
-            "root_path": "",
-        }
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        self._pending.append(_Request(scope, body, self._parser.should_keep_alive()))
+        parser = self._parser
+        body = self._body
+        self._pending.append(Request(
+            parser.get_method().decode("ascii"), url, raw_path, path, query, self._headers,
+            body[0] if len(body) == 1 else b"".join(body), parser.get_http_version(),
+            parser.should_keep_alive()))
         if len(self._pending) > _MAX_PIPELINED:
-            self._transport.pause_reading()  # a pipelining client waits for answers
+            self.transport.pause_reading()  # a pipelining client waits for answers
         if not self._busy:
             self._next()
 
     # --------------------------------------------------------------- requests
 
     def _next(self) -> None:
-        if self._closed or not self._pending:
-            self._busy = False
-            return
-        self._busy = True
-        request = self._pending.popleft()
-        if len(self._pending) == _MAX_PIPELINED:
-            self._transport.resume_reading()
-        task = self._loop.create_task(self._run(request))
-        self._state.tasks.add(task)
-        task.add_done_callback(self._state.tasks.discard)
+        pending = self._pending
+        state = self._state
+        while pending and not self.closed:
+            request = pending.popleft()
+            if len(pending) == _MAX_PIPELINED:
+                self.transport.resume_reading()
+            self._busy = True
+            state.in_flight += 1
+            self._dispatching = True
+            try:
+                exchange = state.forward(self, request)
+            except Exception:
+                self._dispatching = False
+                self.reject(500, "Internal Server Error")
+                state.request_done()
+                return
+            self._dispatching = False
+            if self._busy:
+                self._exchange = exchange  # answered later, through finished()
+                return
+        if not self.closed:
+            self._become_idle()
 
-    async def _run(self, request: _Request) -> None:
-        responder = _Response(self, request.scope["method"] == "HEAD", request.keep_alive)
-        body_sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": request.body, "more_body": False}
-            await asyncio.shield(self._disconnected)
-            return {"type": "http.disconnect"}
-
-        try:
-            await self._state.app(request.scope, receive, responder.send)
-        except Exception:
-            if not responder.started:
-                responder.fail()
-            self._close()
-            return
-        if self._closed:
-            return
-        if not responder.complete:
-            self._close()  # the app stopped mid-response: the client sees it cut
-            return
+    def finished(self, keep_alive: bool) -> None:
+        """The current request's response is complete (``keep_alive``: the connection stays)."""
+        self._busy = False
+        self._exchange = None
+        self._state.request_done()
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
-        if not responder.keep_alive:
-            self._close()
-        elif self._pending:
+        if not keep_alive:
+            self.close()
+        elif not self._dispatching:
             self._next()
-        else:
-            self._busy = False
-            self._arm_idle()
 
     def _timed_out(self) -> None:
         self._request_timer = None
-        if self._busy:
-            return  # the app's own deadline answers 408 (and cancels the request)
-        self._reject(408, "Request timed out.")
+        exchange = self._exchange
+        if exchange is not None:
+            exchange.time_out()  # answers 408 (if it still can) and cancels the request
+        elif not self._busy:
+            self.reject(408, "Request timed out.")
 
     def _upgrade(self, rest: bytes) -> None:
         upgrade = self._state.ws_upgrade
         if upgrade is None or self._busy:
-            self._reject(400, "Unsupported upgrade request.")
+            self.reject(400, "Unsupported upgrade request.")
             return
         method = self._parser.get_method()
         request = [method, b" ", self._url, b" HTTP/1.1\r\n"]
@@ -283,86 +369,12 @@ class HttpProtocol(asyncio.Protocol):
         request.append(b"\r\n")
         self._state.connections.discard(self)
         self._cancel_timers()
-        self._closed = True  # this protocol is done with the connection
-        upgrade(self._transport, b"".join(request) + rest)
+        self.closed = True  # this protocol is done with the connection
+        upgrade(self.transport, b"".join(request) + rest)
 
     def close_when_idle(self) -> None:
         if not self._busy:
-            self._close()
+            self.close()
 
 
-class _Response:
-    """The ASGI ``send`` of one request: writes the HTTP response to the transport."""
-
-    __slots__ = ("_protocol", "_transport", "_head", "keep_alive", "started", "complete",
-                 "_chunked", "_start")
-
-    def __init__(self, protocol: HttpProtocol, head: bool, keep_alive: bool) -> None:
-        self._protocol = protocol
-        self._transport = protocol._transport
-        self._head = head
-        self.keep_alive = keep_alive
-        self.started = False
-        self.complete = False
-        self._chunked = False
-        self._start: dict[str, Any] | None = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            self._start = message
-            self.started = True
-            return
-        if kind != "http.response.body" or self.complete:
-            return
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
-        out: list[bytes] = []
-        if self._start is not None:
-            out.append(self._head_bytes(body, more))
-            self._start = None
-        if not self._head:
-            if self._chunked:
-                if body:
-                    out += [b"%x\r\n" % len(body), body, b"\r\n"]
-                if not more:
-                    out.append(b"0\r\n\r\n")
-            elif body:
-                out.append(body)
-        if not more:
-            self.complete = True
-        if out:
-            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
-            if more:
-                await self._protocol.drain()
-
-    def _head_bytes(self, body: bytes, more: bool) -> bytes:
-        start = self._start
-        assert start is not None
-        parts = [_status_line(start.get("status", 200))]
-        has_length = False
-        for name, value in start.get("headers", ()):
-            lowered = name.lower()
-            if lowered == b"content-length":
-                has_length = True
-            elif lowered == b"connection" and value.lower() == b"close":
-                self.keep_alive = False
-            parts += [name, b": ", value, b"\r\n"]
-        if not has_length:
-            if more:
-                self._chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-            else:
-                parts += [b"content-length: ", str(len(body)).encode(), b"\r\n"]
-        if not self.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
-    def fail(self) -> None:
-        self._transport.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 21\r\n"
-                              b"connection: close\r\n\r\nInternal Server Error")
-        self.complete = True
-
-
-__all__ = ["HttpProtocol", "HttpServerState"]
+__all__ = ["HttpProtocol", "HttpServerState", "Request", "simple_response", "status_line"]

@@ -1,9 +1,11 @@
-"""The HTTP proxy: an ASGI server in its own process, forwarding to ingress replicas.
+"""The HTTP proxy: an HTTP server in its own process, forwarding to ingress replicas.
 
 Each request is matched to the application with the longest route prefix
 (pushed by the controller), then sent with its body to a replica of that
 application's ingress deployment through an ordinary router; the replica's
-response comes back as a stream of ASGI messages.  User code never runs
+response comes back as a stream of ASGI messages.  The proxy serves HTTP
+itself (``http_server.py``, ``http_forward.py``), or through uvicorn and
+``ProxyApp``'s ASGI interface when the user configures middlewares.  User code never runs
 here, and nothing a client sends is ever unpickled: the proxy only pickles
 the scope and body it built itself.
 """
@@ -25,8 +27,9 @@ from .._core.snapshots import ROUTES, hub
 from .._core.transport import ReplySink
 from .._core.types import SYSTEM_PREFIX, DeploymentID, RouteTable
 from . import control_link
-from .asgi import HTTP_METHOD, WEBSOCKET_METHOD
+from .asgi import HTTP_METHOD, WEBSOCKET_METHOD, reason_phrase
 from .handle import DeploymentHandle
+from .router import Router, router_for
 
 MODEL_ID_HEADER = b"serve_multiplexed_model_id"
 REQUEST_ID_HEADER = b"x-request-id"
@@ -51,7 +54,7 @@ class ProxyConfig:
 
 
 class _Route:
-    __slots__ = ("prefix", "deployment_id", "handle", "ws_handle")
+    __slots__ = ("prefix", "deployment_id", "handle", "ws_handle", "_router")
 
     def __init__(self, prefix: str, deployment_id: DeploymentID) -> None:
         self.prefix = prefix
@@ -59,6 +62,26 @@ class _Route:
         base = DeploymentHandle(deployment_id.name, deployment_id.app_name)
         self.handle = base.options(method_name=HTTP_METHOD, stream=True)
         self.ws_handle = base.options(method_name=WEBSOCKET_METHOD, stream=True)
+        self._router: Router | None = None
+
+    def router(self, loop: asyncio.AbstractEventLoop) -> Router:
+        """The ingress deployment's router on the proxy's loop."""
+        router = self._router
+        if router is None:
+            router = self._router = router_for(self.deployment_id, loop)
+        return router
+
+
+class Early:
+    """A response the proxy gives without a replica."""
+
+    __slots__ = ("status", "body", "media_type")
+
+    def __init__(self, status: int, body: bytes,
+                 media_type: bytes = b"text/plain; charset=utf-8") -> None:
+        self.status = status
+        self.body = body
+        self.media_type = media_type
 
 
 class ProxyApp:
@@ -91,31 +114,22 @@ class ProxyApp:
                 return route
         return None
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def triage(self, path: str, headers: list[tuple[bytes, bytes]],
+               http_version: str) -> Early | tuple[_Route, str, str]:
+        """Where a request goes: ``(route, request id, model id)``, or an answer."""
         root_path = self._config.root_path
         if root_path:
             # Ray Serve's root_path: clients address {root_path}{route_prefix}/... and the
             # app sees the full path.  (Not uvicorn's: a prefix an upstream proxy stripped.)
-            path = scope["path"]
             if path != root_path and not path.startswith(root_path + "/"):
-                if scope["type"] == "http":
-                    await _send_text(send, 404, f"Path '{path}' not found: every route is "
-                                     f"under the root path '{root_path}'.")
-                elif scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                return
-            scope["root_path"] = root_path
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
-
-    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+                return Early(404, f"Path '{path}' not found: every route is under the root "
+                             f"path '{root_path}'.".encode())
+            path = path[len(root_path):] or "/"
         # One pass over the headers: limits, Host, and the two headers ladle reads.
         size = 0
         has_host = False
         request_id = model_id = ""
-        for name, value in scope["headers"]:
+        for name, value in headers:
             size += len(name) + len(value)
             if name == b"host":
                 has_host = True
@@ -124,21 +138,48 @@ class ProxyApp:
             elif name == MODEL_ID_HEADER:
                 model_id = value.decode("latin-1")
         if size > MAX_HEADER_BYTES:
-            await _send_text(send, 431, f"Request headers larger than {MAX_HEADER_BYTES} bytes.")
-            return
-        if not has_host and scope.get("http_version") == "1.1":
-            # RFC 9112, section 3.2
-            await _send_text(send, 400, "HTTP/1.1 requests need a Host header.")
-            return
-        path = _route_path(scope)
+            return Early(431, f"Request headers larger than {MAX_HEADER_BYTES} bytes.".encode())
+        if not has_host and http_version == "1.1":
+            return Early(400, b"HTTP/1.1 requests need a Host header.")  # RFC 9112, 3.2
         if path.startswith("/-/"):
-            await self._builtin(path, send)
-            return
+            return self._builtin(path)
         route = self._match(path)
         if route is None:
-            await _send_text(send, 404, f"Path '{path}' not found. Ping "
-                             "http://.../-/routes for available routes.")
+            return Early(404, f"Path '{path}' not found. Ping http://.../-/routes for "
+                         "available routes.".encode())
+        return route, request_id or _context.new_request_id(), model_id
+
+    def child_scope(self, http_version: str, method: str, path: str, raw_path: bytes,
+                    query_string: bytes, headers: list[tuple[bytes, bytes]],
+                    client: Any, server: Any, route: _Route) -> tuple[Any, ...]:
+        """The scope the replica sees, packed (``asgi.http_scope`` unpacks it): the
+        client's, with the root path and the route prefix in ``root_path``."""
+        root_path = self._config.root_path + ("" if route.prefix == "/" else route.prefix)
+        return (http_version, method, path, raw_path, query_string, headers, client, server,
+                root_path)
+
+    def _builtin(self, path: str) -> Early:
+        if path == "/-/healthz":
+            return Early(200, b"success")
+        if path == "/-/routes":
+            body = json.dumps({r.prefix: r.deployment_id.app_name for r in self._routes})
+            return Early(200, body.encode(), b"application/json")
+        return Early(404, f"Path '{path}' not found.".encode())
+
+    # ------------------------------------------------- the ASGI app (under uvicorn)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        triaged = self.triage(scope["path"], scope["headers"], scope.get("http_version", "1.1"))
+        if isinstance(triaged, Early):
+            await _send_bytes(send, triaged.status, triaged.body, triaged.media_type)
             return
+        route, request_id, model_id = triaged
         # request_timeout_s bounds the whole request, a client trickling its body included.
         timeout_s = self._config.request_timeout_s
         deadline = None
@@ -154,9 +195,10 @@ class ProxyApp:
                 return
         if body is None:
             return
-        if not request_id:
-            request_id = _context.new_request_id()
-        child = self._child_scope(scope, route)
+        child = self.child_scope(scope.get("http_version", "1.1"), scope["method"],
+                                 scope["path"], scope.get("raw_path") or scope["path"].encode(),
+                                 scope.get("query_string", b""), list(scope["headers"]),
+                                 scope.get("client"), scope.get("server"), route)
         _context.set_request(_context.RequestContext(
             request_id, route.prefix, route.deployment_id.app_name, model_id,
             track_children=False))
@@ -177,16 +219,19 @@ class ProxyApp:
                 if not started[0]:
                     await _send_text(send, 408, "Request timed out.", request_id)
 
-    def _child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
-        """The scope the replica sees: the client's, with the route prefix in root_path."""
+    def _ws_child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
         child = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
         child["headers"] = list(scope["headers"])
-        child["root_path"] = scope.get("root_path", "") + (
+        child["root_path"] = self._config.root_path + (
             "" if route.prefix == "/" else route.prefix)
         return child
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        route = self._match(_route_path(scope))
+        path: str = scope["path"]
+        root_path = self._config.root_path
+        route = None
+        if not root_path or path == root_path or path.startswith(root_path + "/"):
+            route = self._match(path[len(root_path):] or "/")
         if route is None:
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -194,7 +239,7 @@ class ProxyApp:
         _context.set_request(_context.RequestContext(
             request_id, route.prefix, route.deployment_id.app_name, "",
             track_children=False))
-        gen: Any = route.ws_handle.remote(self._child_scope(scope, route))
+        gen: Any = route.ws_handle.remote(self._ws_child_scope(scope, route))
 
         async def client_to_replica() -> None:
             while True:
@@ -251,7 +296,7 @@ class ProxyApp:
             if started[0]:
                 return  # cut the response short; the client sees a closed stream
             status = exc.status_code if isinstance(exc, LadleError) else 500
-            text = f"{type(exc).__name__}: {exc}" if self._config.debug else _phrase(status)
+            text = f"{type(exc).__name__}: {exc}" if self._config.debug else reason_phrase(status)
             await _send_text(send, status, text, request_id)
         finally:
             watcher[0].cancel()  # the timer, or the watching task it started
@@ -275,27 +320,9 @@ class ProxyApp:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _builtin(self, path: str, send: Any) -> None:
-        if path == "/-/healthz":
-            await _send_text(send, 200, "success")
-        elif path == "/-/routes":
-            body = json.dumps({r.prefix: r.deployment_id.app_name for r in self._routes})
-            await _send_bytes(send, 200, body.encode(), b"application/json")
-        else:
-            await _send_text(send, 404, f"Path '{path}' not found.")
-
-
 # What the replica gets of the client's scope (never the server's own objects).
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path",
                "query_string", "client", "server", "subprotocols")
-
-
-def _route_path(scope: dict[str, Any]) -> str:
-    root_path = scope.get("root_path", "")
-    path: str = scope["path"]
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path):] or "/"
-    return path
 
 
 _WATCH_AFTER_S = 0.05
@@ -328,15 +355,6 @@ def _merge_bodies(item: Any, ready: list[Any]) -> Any:
         if not nxt.get("more_body"):
             return {"type": "http.response.body", "body": b"".join(chunks)}
     return {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
-
-
-def _phrase(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 async def _send_text(send: Any, status: int, text: str, request_id: str = "", *,
@@ -426,13 +444,15 @@ class Proxy:
 
     async def _run_own_server(self, asgi: Any, sock: socket.socket) -> None:
         """The fast path: ladle's own HTTP/1.1 server; uvicorn only for WebSockets."""
+        from .http_forward import Forwarder
         from .http_server import HttpProtocol, HttpServerState
 
-        assert self._ready is not None and self._stopped is not None
+        assert self._ready is not None and self._stopped is not None and self._app is not None
         loop = asyncio.get_running_loop()
         uv_config = self._uvicorn_config(asgi)
         uv_config.load()
-        state = HttpServerState(asgi, self.config, _websocket_upgrader(uv_config))
+        state = HttpServerState(Forwarder(self._app, self.config.debug), self.config,
+                                _websocket_upgrader(uv_config))
         server = await loop.create_server(lambda: HttpProtocol(state, MAX_HEADER_BYTES),
                                           sock=sock, backlog=2048)
         self._ready.set_result({"pid": os.getpid(), "port": sock.getsockname()[1]})
@@ -441,10 +461,9 @@ class Proxy:
         server.close()
         for connection in list(state.connections):
             connection.close_when_idle()
-        if state.tasks:
-            await asyncio.wait(list(state.tasks), timeout=_DRAIN_S)
+        await state.drain(_DRAIN_S)
         for connection in list(state.connections):
-            connection._close()
+            connection.close()
 
     async def _run_uvicorn(self, asgi: Any, sock: socket.socket) -> None:
         """With user middlewares: uvicorn, which gives them the whole ASGI protocol."""

@@ -114,6 +114,7 @@ class _FramedProtocol(asyncio.Protocol):
     """Frame parsing and coalesced writes, shared by both ends."""
 
     _limits = _SERVER_LIMITS
+    _flush_now = False
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -149,6 +150,8 @@ class _FramedProtocol(asyncio.Protocol):
             pos = stop
         if pos:
             del buf[:pos]
+        if self._out and self._flush_now:
+            self._flush()
 
     def _frame(self, kind: int, key: int, payload: bytearray) -> None:
         raise NotImplementedError
@@ -190,6 +193,9 @@ class Connection(_FramedProtocol):
     """Client end: one per (process, loop, peer); implements ``Remote``."""
 
     _limits = _CLIENT_LIMITS
+    # Requests sent while answers were read (a router filling the slots they freed)
+    # go out at once: the replica starts on them while this side writes the answers.
+    _flush_now = True
 
     def __init__(self, address: str) -> None:
         super().__init__()
