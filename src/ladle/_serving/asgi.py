@@ -153,11 +153,16 @@ async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: by
 
     try:
         app = user.asgi_app
+        simple = None
         if app is not None:
             await app(scope, receive, responder.send)
         else:
-            await _call_plain(user, scope, receive, responder.send)
-        await responder.flush()
+            simple = await _call_plain(user, scope, receive, responder.send)
+        if simple is not None:
+            responder.started = True
+            sink.item(simple)  # one item, as the responder makes of start + whole body
+        else:
+            await responder.flush()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -171,18 +176,29 @@ async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: by
     sink.end()
 
 
-async def _call_plain(user: UserCallable, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    from starlette.requests import Request
-
-    request = Request(scope, receive)
+async def _call_plain(user: UserCallable, scope: dict[str, Any], receive: Any,
+                      send: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Call a plain deployment with a Request; return its answer's two messages when
+    they are simple, else send a full Response and return None."""
+    request = _request_class()(scope, receive)
     fn, kind = user.method("__call__")
     result = await user.call(fn, kind, (request,), {}, "__call__")
     simple = _simple_response(result)
     if simple is None:
         await to_response(result)(scope, receive, send)
-    else:
-        await send(simple[0])
-        await send(simple[1])
+    return simple
+
+
+_starlette_request: Any = None
+
+
+def _request_class() -> Any:
+    global _starlette_request
+    if _starlette_request is None:
+        from starlette.requests import Request
+
+        _starlette_request = Request
+    return _starlette_request
 
 
 _TEXT = b"text/plain; charset=utf-8"

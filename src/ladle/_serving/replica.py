@@ -151,27 +151,34 @@ class Replica:
             coro = self._unary(meta, args, kwargs, sink)
         return self._loop.create_task(coro, context=self._base_context.copy())
 
-    async def _acquire(self) -> None:
+    def _take_free_slot(self) -> bool:
+        """``_acquire`` without a coroutine, when a slot is free (most requests)."""
         if self._ongoing >= self._max_ongoing or self._slot_waiters:
-            waiter = self._loop.create_future()  # type: ignore[union-attr]
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()  # handed a slot while being cancelled: pass it on
-                else:
-                    try:
-                        self._slot_waiters.remove(waiter)
-                    except ValueError:
-                        pass
-                raise
-            self._started += 1
-            return  # the releaser counted us in already
+            return False
         self._started += 1
         self._ongoing += 1
         if self._ongoing == 1:
             self._idle.clear()  # type: ignore[union-attr]
+        return True
+
+    async def _acquire(self) -> None:
+        """Wait for a slot under ``max_ongoing_requests`` (first come, first served)."""
+        if self._take_free_slot():
+            return
+        waiter = self._loop.create_future()  # type: ignore[union-attr]
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot while being cancelled: pass it on
+            else:
+                try:
+                    self._slot_waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+        self._started += 1  # the releaser counted us in already
 
     def _release(self) -> None:
         waiters = self._slot_waiters
@@ -186,12 +193,7 @@ class Replica:
 
     async def _unary(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                      sink: ReplySink) -> None:
-        if self._ongoing < self._max_ongoing and not self._slot_waiters:
-            self._started += 1  # _acquire's fast path, inline: this runs per request
-            self._ongoing += 1
-            if self._ongoing == 1:
-                self._idle.clear()  # type: ignore[union-attr]
-        else:
+        if not self._take_free_slot():  # a coroutine only when the request must wait
             await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
@@ -224,7 +226,8 @@ class Replica:
 
     async def _stream(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> None:
-        await self._acquire()
+        if not self._take_free_slot():  # a coroutine only when the request must wait
+            await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
         try:

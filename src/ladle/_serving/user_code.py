@@ -20,6 +20,8 @@ from .._core.transport import ReplySink
 from .threads import ThreadRunner
 
 SYNC, ASYNC, SYNC_GEN, ASYNC_GEN = range(4)
+# Values that are certainly neither awaitable nor generators (checked per call).
+_PLAIN_TYPES = frozenset((str, bytes, int, float, bool, dict, list, tuple, type(None)))
 # Items a sync generator may run ahead of the loop that sends them.
 _PUMP_AHEAD = 8
 
@@ -79,7 +81,9 @@ class UserCallable:
         if kind == ASYNC:
             return await fn(*args, **kwargs)
         if kind == SYNC:
-            result = await self.run_sync(fn, args, kwargs)
+            result = await self._threads.run(fn, args, kwargs)
+            if type(result) in _PLAIN_TYPES:
+                return result
             if inspect.isawaitable(result):
                 result = await result
             if inspect.isgenerator(result) or inspect.isasyncgen(result):
