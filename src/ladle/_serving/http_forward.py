@@ -18,9 +18,8 @@ from .._core.errors import LadleError, RequestCancelledError
 from .asgi import HTTP_METHOD, reason_phrase
 from .http_server import HttpProtocol, Request, simple_response, status_line
 from .proxy import Early, ProxyApp
-from .router import SENT, Request as RoutedRequest
+from .router import SENT, Router, Request as RoutedRequest
 from .streams import STREAM_WINDOW
-
 
 _HALF_WINDOW = STREAM_WINDOW >> 1
 _TEXT = b"text/plain; charset=utf-8"
@@ -63,7 +62,7 @@ class Forwarder:
 class HttpExchange:
     """One request in flight: the router's ``StreamReceiver``, writing the response."""
 
-    __slots__ = ("_conn", "_request_id", "_head_only", "_keep_alive", "_debug", "started",
+    __slots__ = ("_conn", "_request_id", "_keep_alive", "_debug", "started",
                  "_chunked", "_bodyless", "done", "_consumed", "_held", "_out", "_chunks",
                  "_flush_handle", "req", "router")
 
@@ -71,12 +70,11 @@ class HttpExchange:
                  debug: bool) -> None:
         self._conn = conn
         self._request_id = request_id
-        self._head_only = head_only
         self._keep_alive = keep_alive
         self._debug = debug
         self.started = False
         self._chunked = False
-        self._bodyless = head_only
+        self._bodyless = head_only  # HEAD, 204, 304: the head only
         self.done = False
         self._consumed = 0
         self._held = 0  # credit not yet granted: the client is not reading
@@ -84,7 +82,7 @@ class HttpExchange:
         self._chunks: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self.req: RoutedRequest | None = None
-        self.router: Any = None
+        self.router: Router | None = None
 
     # ------------------------------------------------ StreamReceiver (data plane)
 
@@ -145,6 +143,8 @@ class HttpExchange:
     # ------------------------------------------------------------------- writing
 
     def _head(self, start: dict[str, Any], first: Any) -> None:
+        if self.started:
+            raise ValueError("a second response start")
         status = start.get("status", 200)
         if type(status) is not int or not 100 <= status <= 999:
             raise ValueError(f"invalid status {status!r}")
