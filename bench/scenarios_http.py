@@ -328,7 +328,8 @@ def stream_rate(ctx: Context, url: str) -> dict[str, float]:
 # server and ladle run the same app code.
 
 
-def _ladle_ok() -> Any:
+def _ladle_ok(**options: Any) -> Any:
+    """The trivial deployment; ``options`` as for ``Deployment.options`` (defaults otherwise)."""
     from ladle import serve
 
     @serve.deployment
@@ -336,19 +337,7 @@ def _ladle_ok() -> Any:
         def __call__(self, request: Any) -> str:
             return "ok"
 
-    return Ok.bind()
-
-
-def _ladle_ok_wide() -> Any:
-    """``_ladle_ok`` with room for every connection's request at once on the replica."""
-    from ladle import serve
-
-    @serve.deployment(max_ongoing_requests=CONNECTIONS)
-    class OkWide:
-        def __call__(self, request: Any) -> str:
-            return "ok"
-
-    return OkWide.bind()
+    return (Ok.options(**options) if options else Ok).bind()
 
 
 def _ladle_ok_async() -> Any:
@@ -426,7 +415,7 @@ def http_ladle_async_64(ctx: Context) -> dict[str, float]:
 def http_ladle_wide_64(ctx: Context) -> dict[str, float]:
     """As ``http_ladle_64`` with ``max_ongoing_requests=64`` instead of the default 5; for
     information: it shows what the default's proxy-replica round trips cost."""
-    with ladle_server(_ladle_ok_wide()) as url:
+    with ladle_server(_ladle_ok(max_ongoing_requests=CONNECTIONS)) as url:
         return throughput(ctx, url)
 
 

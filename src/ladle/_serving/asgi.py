@@ -111,6 +111,12 @@ class _Responder:
         if not self._sink.item(item):
             self._blocked = True
 
+    def send_whole(self, start: dict[str, Any], body: dict[str, Any]) -> None:
+        """A complete response (start and its only body) as one item, without awaiting."""
+        self.started = True
+        self._start = start
+        self._emit(body)
+
     async def flush(self) -> None:
         """Send what is still held back (the start of an empty or cut-off response)."""
         self._cancel_flush()
@@ -159,8 +165,7 @@ async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: by
         else:
             simple = await _call_plain(user, scope, receive, responder.send)
         if simple is not None:
-            responder.started = True
-            sink.item(simple)  # one item, as the responder makes of start + whole body
+            responder.send_whole(*simple)
         else:
             await responder.flush()
     except asyncio.CancelledError:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .._core.errors import LadleError, RequestCancelledError
 from .asgi import HTTP_METHOD, reason_phrase
-from .http_server import HttpProtocol, Request, simple_response, status_line
+from .http_server import HttpProtocol, ParsedRequest, simple_response, status_line
 from .proxy import Early, ProxyApp
 from .router import SENT, Router, Request as RoutedRequest
 from .streams import STREAM_WINDOW
@@ -34,7 +34,7 @@ class Forwarder:
         self._debug = debug
         self._loop = asyncio.get_running_loop()
 
-    def __call__(self, conn: HttpProtocol, request: Request) -> HttpExchange | None:
+    def __call__(self, conn: HttpProtocol, request: ParsedRequest) -> HttpExchange | None:
         app = self._app
         triaged = app.triage(request.path, request.headers, request.http_version)
         if isinstance(triaged, Early):

@@ -51,7 +51,7 @@ def simple_response(status: int, body: bytes, media_type: bytes,
     return b"".join(parts)
 
 
-class Request:
+class ParsedRequest:
     """One parsed request, body included."""
 
     __slots__ = ("method", "url", "raw_path", "path", "query_string", "headers", "body",
@@ -79,7 +79,7 @@ class Exchange(Protocol):
     def resume(self) -> None: ...
 
 
-Forward = Callable[["HttpProtocol", Request], "Exchange | None"]
+Forward = Callable[["HttpProtocol", ParsedRequest], "Exchange | None"]
 
 
 class HttpServerState:
@@ -136,7 +136,7 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
-        self._pending: deque[Request] = deque()
+        self._pending: deque[ParsedRequest] = deque()
         self._out: list[bytes] | None = None  # written at the end of the loop pass
         self._exchange: Exchange | None = None
         self._busy = False
@@ -301,7 +301,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         parser = self._parser
         body = self._body
-        self._pending.append(Request(
+        self._pending.append(ParsedRequest(
             parser.get_method().decode("ascii"), url, raw_path, path, query, self._headers,
             body[0] if len(body) == 1 else b"".join(body), parser.get_http_version(),
             parser.should_keep_alive()))
@@ -377,4 +377,5 @@ class HttpProtocol(asyncio.Protocol):
             self.close()
 
 
-__all__ = ["HttpProtocol", "HttpServerState", "Request", "simple_response", "status_line"]
+__all__ = ["HttpProtocol", "HttpServerState", "ParsedRequest", "simple_response",
+           "status_line"]

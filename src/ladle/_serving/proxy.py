@@ -5,9 +5,9 @@ Each request is matched to the application with the longest route prefix
 application's ingress deployment through an ordinary router; the replica's
 response comes back as a stream of ASGI messages.  The proxy serves HTTP
 itself (``http_server.py``, ``http_forward.py``), or through uvicorn and
-``ProxyApp``'s ASGI interface when the user configures middlewares.  User code never runs
-here, and nothing a client sends is ever unpickled: the proxy only pickles
-the scope and body it built itself.
+``ProxyApp``'s ASGI interface when the user configures middlewares.  User
+code never runs here, and nothing a client sends is ever unpickled: the
+proxy only pickles the scope and body it built itself.
 """
 
 from __future__ import annotations
@@ -117,14 +117,11 @@ class ProxyApp:
     def triage(self, path: str, headers: list[tuple[bytes, bytes]],
                http_version: str) -> Early | tuple[_Route, str, str]:
         """Where a request goes: ``(route, request id, model id)``, or an answer."""
-        root_path = self._config.root_path
-        if root_path:
-            # Ray Serve's root_path: clients address {root_path}{route_prefix}/... and the
-            # app sees the full path.  (Not uvicorn's: a prefix an upstream proxy stripped.)
-            if path != root_path and not path.startswith(root_path + "/"):
-                return Early(404, f"Path '{path}' not found: every route is under the root "
-                             f"path '{root_path}'.".encode())
-            path = path[len(root_path):] or "/"
+        route_path = self._route_path(path)
+        if route_path is None:
+            return Early(404, f"Path '{path}' not found: every route is under the root "
+                         f"path '{self._config.root_path}'.".encode())
+        path = route_path
         # One pass over the headers: limits, Host, and the two headers ladle reads.
         size = 0
         has_host = False
@@ -149,14 +146,28 @@ class ProxyApp:
                          "available routes.".encode())
         return route, request_id or _context.new_request_id(), model_id
 
+    def _route_path(self, path: str) -> str | None:
+        """``path`` without the root path; None if it is not under the root path.
+
+        Ray Serve's root_path: clients address {root_path}{route_prefix}/... and the app
+        sees the full path.  (Not uvicorn's: a prefix an upstream proxy stripped.)"""
+        root_path = self._config.root_path
+        if not root_path:
+            return path
+        if path != root_path and not path.startswith(root_path + "/"):
+            return None
+        return path[len(root_path):] or "/"
+
+    def _child_root_path(self, route: _Route) -> str:
+        return self._config.root_path + ("" if route.prefix == "/" else route.prefix)
+
     def child_scope(self, http_version: str, method: str, path: str, raw_path: bytes,
                     query_string: bytes, headers: list[tuple[bytes, bytes]],
                     client: Any, server: Any, route: _Route) -> tuple[Any, ...]:
         """The scope the replica sees, packed (``asgi.http_scope`` unpacks it): the
         client's, with the root path and the route prefix in ``root_path``."""
-        root_path = self._config.root_path + ("" if route.prefix == "/" else route.prefix)
         return (http_version, method, path, raw_path, query_string, headers, client, server,
-                root_path)
+                self._child_root_path(route))
 
     def _builtin(self, path: str) -> Early:
         if path == "/-/healthz":
@@ -222,16 +233,12 @@ class ProxyApp:
     def _ws_child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
         child = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
         child["headers"] = list(scope["headers"])
-        child["root_path"] = self._config.root_path + (
-            "" if route.prefix == "/" else route.prefix)
+        child["root_path"] = self._child_root_path(route)
         return child
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path: str = scope["path"]
-        root_path = self._config.root_path
-        route = None
-        if not root_path or path == root_path or path.startswith(root_path + "/"):
-            route = self._match(path[len(root_path):] or "/")
+        route_path = self._route_path(scope["path"])
+        route = None if route_path is None else self._match(route_path)
         if route is None:
             await send({"type": "websocket.close", "code": 1008})
             return
