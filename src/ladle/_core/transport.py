@@ -79,11 +79,18 @@ class ReplySink(Protocol):
     async def next_input(self) -> Any: ...
 
 
+class RunningRequest(Protocol):
+    """What ``start_request`` returns: the request's task, or what cancels like one."""
+
+    def cancel(self) -> Any: ...
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None: ...
+
+
 class RequestServer(Protocol):
     """What a transport's server calls for each request (the Replica, the Controller)."""
 
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                      sink: ReplySink) -> asyncio.Future[Any] | None: ...
+                      sink: ReplySink) -> RunningRequest | None: ...
 
 
 class Servable(RequestServer, Protocol):

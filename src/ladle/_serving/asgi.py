@@ -17,6 +17,7 @@ import json
 import logging
 import traceback
 import types
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._core.errors import LadleError
@@ -34,6 +35,8 @@ OWNER_ATTR = "__ladle_ingress_owner__"
 OWNER_CLASS_ATTR = "__ladle_ingress_class__"
 
 
+# A whole response as its two ASGI messages (start, body).
+_Simple = tuple[dict[str, Any], dict[str, Any]]
 # Body chunks produced in one loop iteration travel together, up to this much.
 _MERGE_BYTES = 64 * 1024
 
@@ -141,11 +144,9 @@ def http_scope(packed: tuple[Any, ...]) -> dict[str, Any]:
             "server": server, "root_path": root_path}
 
 
-async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: bytes,
-                     sink: ReplySink, deployment: str, debug: bool) -> None:
-    """Answer one HTTP request; errors become 500 (or the error's own status)."""
-    scope = http_scope(packed_scope)
-    responder = _Responder(sink)
+def body_receiver(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The ASGI ``receive`` of a proxied request: its whole body, then (only when the
+    request is cancelled, which ends the wait) a disconnect."""
     body_sent = False
 
     async def receive() -> dict[str, Any]:
@@ -157,47 +158,78 @@ async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: by
         await asyncio.get_running_loop().create_future()
         return {"type": "http.disconnect"}
 
+    return receive
+
+
+async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: bytes,
+                     sink: ReplySink, deployment: str, debug: bool) -> None:
+    """Answer one HTTP request; errors become 500 (or the error's own status)."""
+    scope = http_scope(packed_scope)
+    receive = body_receiver(body)
+    responder = _Responder(sink)
     try:
         app = user.asgi_app
-        simple = None
         if app is not None:
             await app(scope, receive, responder.send)
-        else:
-            simple = await _call_plain(user, scope, receive, responder.send)
-        if simple is not None:
-            responder.send_whole(*simple)
-        else:
             await responder.flush()
+        else:
+            request = request_class()(scope, receive)
+            fn, kind = user.method("__call__")
+            result = await user.call(fn, kind, (request,), {}, "__call__")
+            await _answer_plain(result, scope, receive, responder)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        status = exc.status_code if isinstance(exc, LadleError) else 500
-        logger.error("Request to deployment '%s' failed:\n%s", deployment,
-                     "".join(traceback.format_exception(exc)))
-        if responder.started:
-            raise  # headers are out: the proxy can only cut the response short
-        text = "".join(traceback.format_exception(exc)) if debug else reason_phrase(status)
-        await _send_text(responder, status, text)
+        await _answer_error(exc, responder, deployment, debug)
     sink.end()
 
 
-async def _call_plain(user: UserCallable, scope: dict[str, Any], receive: Any,
-                      send: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Call a plain deployment with a Request; return its answer's two messages when
-    they are simple, else send a full Response and return None."""
-    request = _request_class()(scope, receive)
-    fn, kind = user.method("__call__")
-    result = await user.call(fn, kind, (request,), {}, "__call__")
-    simple = _simple_response(result)
-    if simple is None:
-        await to_response(result)(scope, receive, send)
-    return simple
+async def finish_sync_http(user: UserCallable, scope: dict[str, Any],
+                           receive: Callable[[], Awaitable[dict[str, Any]]], result: Any,
+                           exc: BaseException | None, sink: ReplySink, deployment: str,
+                           debug: bool) -> None:
+    """Answer a request whose sync ``__call__`` already ran in a worker thread
+    (``sync_http.py``) but whose outcome was not a simple value."""
+    responder = _Responder(sink)
+    try:
+        if exc is not None:
+            raise exc
+        await _answer_plain(await user.settle_sync(result, "__call__"), scope, receive,
+                            responder)
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        await _answer_error(error, responder, deployment, debug)
+    sink.end()
+
+
+async def _answer_plain(result: Any, scope: dict[str, Any], receive: Any,
+                        responder: _Responder) -> None:
+    """A plain deployment's return value as a response: two ready-made messages when
+    it is simple, else the Starlette Response for it."""
+    simple = simple_response(result)
+    if simple is not None:
+        responder.send_whole(*simple)
+        return
+    await to_response(result)(scope, receive, responder.send)
+    await responder.flush()
+
+
+async def _answer_error(exc: Exception, responder: _Responder, deployment: str,
+                        debug: bool) -> None:
+    status = exc.status_code if isinstance(exc, LadleError) else 500
+    logger.error("Request to deployment '%s' failed:\n%s", deployment,
+                 "".join(traceback.format_exception(exc)))
+    if responder.started:
+        raise exc  # headers are out: the proxy can only cut the response short
+    text = "".join(traceback.format_exception(exc)) if debug else reason_phrase(status)
+    await _send_text(responder, status, text)
 
 
 _starlette_request: Any = None
 
 
-def _request_class() -> Any:
+def request_class() -> Any:
     global _starlette_request
     if _starlette_request is None:
         from starlette.requests import Request
@@ -211,7 +243,7 @@ _OCTETS = b"application/octet-stream"
 _JSON = b"application/json"
 
 
-def _simple_response(result: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def simple_response(result: Any) -> _Simple | None:
     """The two ASGI messages for a plain return value, without building a Response.
 
     The same bytes and headers Starlette's PlainTextResponse/Response/JSONResponse

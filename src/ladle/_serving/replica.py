@@ -21,7 +21,7 @@ import cloudpickle
 
 from .._core import context as _context
 from .._core.errors import RequestCancelledError
-from .._core.transport import ReplySink
+from .._core.transport import ReplySink, RunningRequest
 from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
 from .._core.snapshots import hub
 from . import control_link
@@ -34,8 +34,16 @@ from .asgi import (
     serve_http,
     serve_websocket,
 )
+from .sync_http import SyncHttpCall
 from .threads import ThreadRunner
-from .user_code import ASYNC, UserCallable
+from .user_code import ASYNC, SYNC, UserCallable
+
+
+# Up to this max_ongoing_requests, a worker thread answers a sync HTTP call itself
+# (sync_http.py): with few slots each request's round trip bounds throughput, and
+# that saves the loop a wake-up.  With more, the loop answers in batches, which
+# costs less per request (bench/README.md, "A worker thread answers").
+_THREAD_ANSWERS_UP_TO = 8
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,13 @@ class Replica:
         self._ongoing = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._started = 0  # requests ever admitted: drain watches it for stragglers
+        # Requests a worker thread finished on its own (sync_http.py), not yet released:
+        # ``reap`` releases them when anything needs an exact count.  Workers wake the
+        # loop for it only while something waits for a slot or for idleness.
+        self._done_in_threads: deque[None] = deque()
+        self._wake_on_done = False
+        self._draining = 0
+        self._sync_call: Any = None  # the plain sync __call__ HTTP goes to, once known
         self._user: UserCallable | None = None
         self._threads = ThreadRunner(max(4, spec.max_ongoing_requests + 2), "ladle-replica")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,13 +151,17 @@ class Replica:
     # ----------------------------------------------------------------- requests
 
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                      sink: ReplySink) -> asyncio.Future[Any] | None:
+                      sink: ReplySink) -> RunningRequest | None:
         assert self._loop is not None
         if type(meta) is not tuple or len(meta) != 5:
             # Checked before a slot is taken: a request that fails past that point
             # without reaching its handler would keep the slot forever.
             raise TypeError(f"malformed request metadata {meta!r:.200}")
         method: str = meta[1]
+        if method == HTTP_METHOD and meta[3]:
+            call = self._sync_http(meta, args, sink)
+            if call is not None:
+                return call
         if method.startswith(SYSTEM_PREFIX):
             coro = self._system(method, args, kwargs, sink)
         elif meta[3]:
@@ -151,8 +170,69 @@ class Replica:
             coro = self._unary(meta, args, kwargs, sink)
         return self._loop.create_task(coro, context=self._base_context.copy())
 
+    def _sync_http(self, meta: tuple[Any, ...], args: tuple[Any, ...],
+                   sink: ReplySink) -> SyncHttpCall | None:
+        """Start an HTTP request in a worker thread from start to finish, when the
+        deployment is plain with a sync ``__call__``, the transport lets a worker
+        answer, and a slot is free; else None (the general path)."""
+        fn = self._sync_call
+        if fn is None:
+            user = self._user
+            if user is None or user.asgi_app is not None:
+                return None
+            try:
+                fn, kind = user.method("__call__")
+            except Exception:
+                return None  # the general path reports it
+            if kind != SYNC or self._max_ongoing > _THREAD_ANSWERS_UP_TO:
+                fn = False
+            self._sync_call = fn
+        if fn is False or not hasattr(sink, "finish_from_thread") or not self._take_free_slot():
+            return None
+        request = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name,
+                                          meta[2])
+        ctx = self._base_context.copy()
+        ctx.run(_context.set_request, request)
+        call = SyncHttpCall(self, sink, args[0], args[1], args[2], fn, ctx, request)
+        self._threads.submit(call.run)
+        return call
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    @property
+    def user_callable(self) -> UserCallable:
+        assert self._user is not None
+        return self._user
+
+    def done_from_thread(self) -> None:
+        """A worker thread answered a request on its own (``sync_http.py``)."""
+        self._done_in_threads.append(None)
+        if self._wake_on_done:
+            try:
+                self.loop.call_soon_threadsafe(self.reap)
+            except RuntimeError:
+                pass  # the loop is closed: the replica is stopping
+
+    def reap(self) -> None:
+        """Release the slots of requests that worker threads finished."""
+        done = self._done_in_threads
+        while done:
+            done.popleft()
+            self._release()
+
+    def _watch_done(self) -> None:
+        """Have workers wake the loop while anything waits on the count of ongoing
+        requests; then count in what finished before the flag was seen."""
+        self._wake_on_done = bool(self._slot_waiters) or self._draining > 0
+        self.reap()
+
     def _take_free_slot(self) -> bool:
         """``_acquire`` without a coroutine, when a slot is free (most requests)."""
+        if self._done_in_threads:
+            self.reap()
         if self._ongoing >= self._max_ongoing or self._slot_waiters:
             return False
         self._started += 1
@@ -167,6 +247,7 @@ class Replica:
             return
         waiter = self._loop.create_future()  # type: ignore[union-attr]
         self._slot_waiters.append(waiter)
+        self._watch_done()
         try:
             await waiter
         except BaseException:
@@ -177,8 +258,12 @@ class Replica:
                     self._slot_waiters.remove(waiter)
                 except ValueError:
                     pass
+                self._watch_done()
             raise
         self._started += 1  # the releaser counted us in already
+
+    def release(self) -> None:
+        self._release()
 
     def _release(self) -> None:
         waiters = self._slot_waiters
@@ -186,6 +271,8 @@ class Replica:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # the slot passes straight to the next request
+                if not waiters:
+                    self._wake_on_done = self._draining > 0
                 return
         self._ongoing -= 1
         if self._ongoing == 0:
@@ -301,6 +388,7 @@ class Replica:
             await result
 
     async def _sys_stats(self) -> ReplicaStats:
+        self.reap()
         return ReplicaStats(self._ongoing + len(self._slot_waiters), self._model_ids)
 
     async def _sys_drain(self, timeout_s: float, quiet_s: float = 0.0) -> int:
@@ -309,17 +397,23 @@ class Replica:
         assert self._idle is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while True:
-            try:
-                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                return self._ongoing
-            started = self._started
-            await asyncio.sleep(max(0.0, min(quiet_s, deadline - loop.time())))
-            if self._ongoing == 0 and self._started == started:
-                return 0
-            if loop.time() >= deadline:
-                return self._ongoing
+        self._draining += 1
+        self._watch_done()
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    return self._ongoing
+                started = self._started
+                await asyncio.sleep(max(0.0, min(quiet_s, deadline - loop.time())))
+                if self._ongoing == 0 and self._started == started:
+                    return 0
+                if loop.time() >= deadline:
+                    return self._ongoing
+        finally:
+            self._draining -= 1
+            self._watch_done()
 
     async def _sys_stop(self) -> None:
         assert self._stopped is not None

@@ -35,12 +35,20 @@ class ThreadRunner:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.put((loop, fut, contextvars.copy_context(), fn, args, kwargs))
+        self._ensure_worker()
+        return fut
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job()`` in a worker thread; it reports its own outcome and must not raise."""
+        self._queue.put(job)
+        self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
         if self._idle == 0 and len(self._threads) < self._max_threads:
             thread = threading.Thread(target=self._work, daemon=True,
                                       name=f"{self._name}-{len(self._threads)}")
             self._threads.append(thread)
             thread.start()
-        return fut
 
     def _work(self) -> None:
         get = self._queue.get
@@ -53,7 +61,10 @@ class ThreadRunner:
                 self._idle -= 1
             if item is _STOP:
                 return
-            _run_one(*item)
+            if type(item) is tuple:
+                _run_one(*item)
+            else:
+                item()
             item = None  # don't hold a request's data while idle
 
     def shutdown(self) -> None:

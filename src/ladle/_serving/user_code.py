@@ -21,7 +21,7 @@ from .threads import ThreadRunner
 
 SYNC, ASYNC, SYNC_GEN, ASYNC_GEN = range(4)
 # Values that are certainly neither awaitable nor generators (checked per call).
-_PLAIN_TYPES = frozenset((str, bytes, int, float, bool, dict, list, tuple, type(None)))
+PLAIN_TYPES = frozenset((str, bytes, int, float, bool, dict, list, tuple, type(None)))
 # Items a sync generator may run ahead of the loop that sends them.
 _PUMP_AHEAD = 8
 
@@ -82,15 +82,20 @@ class UserCallable:
             return await fn(*args, **kwargs)
         if kind == SYNC:
             result = await self._threads.run(fn, args, kwargs)
-            if type(result) in _PLAIN_TYPES:
+            if type(result) in PLAIN_TYPES:
                 return result
-            if inspect.isawaitable(result):
-                result = await result
-            if inspect.isgenerator(result) or inspect.isasyncgen(result):
-                result.close() if inspect.isgenerator(result) else await result.aclose()
-                raise TypeError(_stream_hint(method, self._name))
-            return result
+            return await self.settle_sync(result, method)
         raise TypeError(_stream_hint(method, self._name))
+
+    async def settle_sync(self, result: Any, method: str) -> Any:
+        """What a sync method's return value stands for: an awaitable it returned is
+        awaited; a generator is an error (it needs ``stream=True``)."""
+        if inspect.isawaitable(result):
+            result = await result
+        if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            result.close() if inspect.isgenerator(result) else await result.aclose()
+            raise TypeError(_stream_hint(method, self._name))
+        return result
 
     async def run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:

@@ -21,9 +21,11 @@ authentication; TCP peers authenticate first (``tcp_auth.py``).
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -321,7 +323,7 @@ class Connection(_FramedProtocol):
 class _Reply:
     """ReplySink for one request on a server connection."""
 
-    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished", "inbox")
+    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished", "inbox", "task")
 
     def __init__(self, conn: ServerConnection, key: int, credit: int) -> None:
         self._conn = conn
@@ -330,6 +332,9 @@ class _Reply:
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False
         self.inbox: Inbox | None = None
+        # What start_request returned: cancelled with the request.  Set on the reply,
+        # not in the connection's table, which a worker thread may already have left.
+        self.task: Any = None
 
     def result(self, value: Any) -> None:
         parts = _encode(RESULT, self._key, value)  # may raise: the replica reports it
@@ -373,6 +378,19 @@ class _Reply:
         conn._send(parts)
         conn._requests.pop(self._key, None)
 
+    def finish_from_thread(self, item: Any) -> None:
+        """From a worker thread: send ``item`` as the stream's only item, and its end,
+        without waiting for the loop (``ServerConnection.write_from_thread``)."""
+        parts = _encode(ITEM, self._key, item)
+        parts.append(_pack_header(0, END, self._key))
+        conn = self._conn
+        with conn._write_lock:
+            if self._finished:
+                return  # the connection is gone
+            self._finished = True
+            conn._write_from_thread(b"".join(parts))
+        conn._requests.pop(self._key, None)
+
 
 class ServerConnection(_FramedProtocol):
     """Server end of one client connection; hands requests to a RequestServer."""
@@ -380,8 +398,47 @@ class ServerConnection(_FramedProtocol):
     def __init__(self, server: RequestServer) -> None:
         super().__init__()
         self._server = server
-        # key -> (task or None, reply)
-        self._requests: dict[int, tuple[asyncio.Future[Any] | None, _Reply]] = {}
+        self._requests: dict[int, _Reply] = {}
+        # Worker threads write answers too (_Reply.finish_from_thread): every write to
+        # the socket, and the queue of writes, is under this lock.  The loop's writes go
+        # through ``_flush``; nothing else writes to the transport.
+        self._write_lock = threading.Lock()
+        self._fd = -1  # a duplicate, so that its number cannot be reused under a writer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = os.dup(sock.fileno())
+
+    def _flush(self) -> None:
+        with self._write_lock:
+            super()._flush()
+
+    def _write_from_thread(self, data: bytes) -> None:
+        """Whole frames from a worker thread, under ``_write_lock``: straight to the
+        socket when nothing of the loop's is waiting to go out (so no frame is cut by
+        another), else queued for the loop."""
+        transport = self._transport
+        if self._closed or transport is None or transport.is_closing():
+            return
+        if self._fd >= 0 and not self._out and not transport.get_write_buffer_size():
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the peer is gone: the loop sees the connection close
+            if written == len(data):
+                return
+            data = data[written:]
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:
+                pass  # the loop is closed, and with it the connection
 
     def _frame(self, kind: int, key: int, payload: bytearray) -> None:
         oob = bool(kind & OOB)
@@ -389,21 +446,18 @@ class ServerConnection(_FramedProtocol):
         if kind == REQUEST:
             meta, args, kwargs = _decode(payload, oob)
             reply = _Reply(self, key, 0)
-            self._requests[key] = (None, reply)
-            task = self._server.start_request(meta, args, kwargs, reply)
-            if key in self._requests:
-                self._requests[key] = (task, reply)
+            self._requests[key] = reply
+            reply.task = self._server.start_request(meta, args, kwargs, reply)
         elif kind == STREAM:
             meta, args, kwargs, window = _decode(payload, oob)
             reply = _Reply(self, key, window)
-            self._requests[key] = (None, reply)
-            task = self._server.start_request(meta, args, kwargs, reply)
-            if key in self._requests:
-                self._requests[key] = (task, reply)
+            self._requests[key] = reply
+            reply.task = self._server.start_request(meta, args, kwargs, reply)
         elif kind == CANCEL:
-            entry = self._requests.get(key)
-            if entry is not None:
-                task, reply = entry
+            found = self._requests.get(key)
+            if found is not None:
+                reply = found
+                task = reply.task
                 if task is not None:
                     task.cancel()
                     # A task cancelled before its first step (or while waiting for a slot)
@@ -414,26 +468,29 @@ class ServerConnection(_FramedProtocol):
                     reply.error(RequestCancelledError("The request was cancelled."))
         elif kind == CREDIT:
             (credit,) = U32.unpack(payload)  # exactly 4 bytes, or the peer is dropped
-            entry = self._requests.get(key)
-            if entry is not None:
-                entry[1].add_credit(credit)
+            target = self._requests.get(key)
+            if target is not None:
+                target.add_credit(credit)
         elif kind == INPUT:
-            entry = self._requests.get(key)
-            if entry is not None:
-                reply = entry[1]
-                if reply.inbox is None:
-                    reply.inbox = Inbox()
-                reply.inbox.put(_decode(payload, oob))
+            target = self._requests.get(key)
+            if target is not None:
+                if target.inbox is None:
+                    target.inbox = Inbox()
+                target.inbox.put(_decode(payload, oob))
         else:
             raise ValueError(f"unexpected frame kind {kind}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        with self._write_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
         requests, self._requests = self._requests, {}
-        for task, reply in requests.values():
+        for reply in requests.values():
             reply._finished = True
-            if task is not None:
-                task.cancel()
+            if reply.task is not None:
+                reply.task.cancel()
             if reply._waiter is not None and not reply._waiter.done():
                 reply._waiter.set_result(None)
 

@@ -1,0 +1,227 @@
+"""HTTP to plain deployments whose ``__call__`` is sync.
+
+Such a request runs start to finish in a worker thread, which writes a
+plain answer itself and tells the loop later (``_serving/sync_http.py``).
+These tests pin what that must not change: every kind of return value,
+errors, cancellation, concurrency, a request waiting for a slot, and a
+drain that waits for requests in flight.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ladle import serve
+from ladle._api.lifecycle import http_port
+from tests.conftest import wait_for
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+async def _echo_json(request: Request) -> Any:
+    return {"echo": await request.json()}
+
+
+@serve.deployment
+class Shapes:
+    def __call__(self, request: Request) -> Any:
+        kind = request.query_params["kind"]
+        if kind == "str":
+            return "héllo"
+        if kind == "bytes":
+            return b"\x00\x01"
+        if kind == "dict":
+            return {"a": [1, 2.5, None, True]}
+        if kind == "int":
+            return 7
+        if kind == "none":
+            return None
+        if kind == "response":
+            response = JSONResponse({"made": True}, status_code=201,
+                                    headers={"x-custom": "yes"})
+            response.set_cookie("flavour", "oat")
+            return response
+        if kind == "plain-response":
+            return Response("teapot", status_code=418, media_type="text/plain")
+        if kind == "awaitable":
+            return _echo_json(request)  # a sync method handing back a coroutine
+        if kind == "datetime":
+            return {"when": datetime.datetime(2026, 11, 22, 12, 0)}
+        if kind == "dataclass":
+            return Point(1, 2)
+        if kind == "generator":
+            return (i for i in range(3))
+        if kind == "raise":
+            raise KeyError("no such thing")
+        raise AssertionError(kind)
+
+
+# Up to 8 slots a worker thread answers; with more, the loop does (replica.py).
+BOTH_PATHS = pytest.mark.parametrize("slots", [5, 16], ids=["thread-answers", "loop-answers"])
+
+
+@BOTH_PATHS
+def test_every_kind_of_answer(http_url: str, slots: int) -> None:
+    serve.run(Shapes.options(max_ongoing_requests=slots).bind(), name="shapes",
+              route_prefix="/s")
+    with httpx.Client(base_url=http_url, timeout=10) as client:
+        def get(kind: str, **kw: Any) -> httpx.Response:
+            return client.request(kw.pop("method", "GET"), "/s", params={"kind": kind}, **kw)
+
+        r = get("str")
+        assert (r.status_code, r.text, r.headers["content-type"]) == (
+            200, "héllo", "text/plain; charset=utf-8")
+        r = get("bytes")
+        assert (r.content, r.headers["content-type"]) == (b"\x00\x01",
+                                                          "application/octet-stream")
+        r = get("dict")
+        assert (r.json(), r.headers["content-type"]) == ({"a": [1, 2.5, None, True]},
+                                                         "application/json")
+        assert get("int").json() == 7
+        assert get("none").json() is None
+        r = get("response")
+        assert (r.status_code, r.json(), r.headers["x-custom"]) == (201, {"made": True}, "yes")
+        assert r.cookies["flavour"] == "oat"
+        r = get("plain-response")
+        assert (r.status_code, r.text) == (418, "teapot")
+        r = get("awaitable", method="POST", json={"n": [1, 2]})
+        assert r.json() == {"echo": {"n": [1, 2]}}
+        assert get("datetime").json() == {"when": "2026-11-22T12:00:00"}
+        assert get("dataclass").json() == {"x": 1, "y": 2}
+        for kind in ("generator", "raise"):
+            r = get(kind)
+            assert r.status_code == 500, kind
+            assert "KeyError" not in r.text and "stream" not in r.text
+        assert get("str").text == "héllo"  # and the replica is fine
+
+
+@serve.deployment
+class SyncBlocker:
+    """Sync ``__call__``: blocks until its ``release`` file exists (``?tag=`` names the
+    call; ``?wait=0`` answers at once); starts and finishes go to files, which the
+    test reads while every slot of the replica may be taken."""
+
+    def __init__(self, release: str) -> None:
+        self.release = release
+
+    def __call__(self, request: Any) -> str:
+        if not isinstance(request, Request):
+            return f"handle {request}"
+        tag = request.query_params.get("tag", "")
+        with open(self.release + ".started", "a") as f:
+            f.write(tag + "\n")
+        if request.query_params.get("wait") != "0":
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.release) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        with open(self.release + ".finished", "a") as f:
+            f.write(tag + "\n")
+        return f"done {tag}"
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@BOTH_PATHS
+def test_timeout_answers_408_and_frees_the_slot(tmp_path: Path, slots: int) -> None:
+    release = tmp_path / "release"
+    serve.start(http_options={"host": "127.0.0.1", "port": 0, "request_timeout_s": 0.5})
+    serve.run(SyncBlocker.options(max_ongoing_requests=slots).bind(str(release)),
+              name="blocker", route_prefix="/b")
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port()}", timeout=20) as client:
+        # One slow call per slot: each is timed out, and its slot given back at the
+        # timeout although its thread still runs.
+        with concurrent.futures.ThreadPoolExecutor(slots) as pool:
+            slow = list(pool.map(lambda i: client.get("/b", params={"tag": f"slow{i}"}),
+                                 range(slots)))
+        assert [r.status_code for r in slow] == [408] * slots
+        r = client.get("/b", params={"tag": "fast", "wait": "0"})
+        assert (r.status_code, r.text) == (200, "done fast")
+        assert _lines(Path(f"{release}.finished")) == ["fast"]
+        release.touch()
+        wait_for(lambda: len(_lines(Path(f"{release}.finished"))) == slots + 1,
+                 message="the timed-out calls to finish in their threads")
+        assert client.get("/b", params={"tag": "again", "wait": "0"}).text == "done again"
+
+
+def test_sync_calls_run_concurrently(http_url: str) -> None:
+    @serve.deployment(max_ongoing_requests=5)
+    class Meet:
+        def __init__(self) -> None:
+            self.barrier = threading.Barrier(5, timeout=20)
+
+        def __call__(self, request: Request) -> int:
+            return self.barrier.wait()  # only returns once all five are in at once
+
+    serve.run(Meet.bind(), name="meet", route_prefix="/m")
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: httpx.get(f"{http_url}/m", timeout=30), range(5)))
+    assert [a.status_code for a in answers] == [200] * 5
+    assert sorted(a.json() for a in answers) == [0, 1, 2, 3, 4]
+
+
+def test_a_request_waiting_for_the_slot_runs_when_a_thread_finishes(http_url: str,
+                                                                    tmp_path: Path) -> None:
+    # Two callers (the proxy and this process) each think the one slot is free: the
+    # replica holds the second request until the first, answered by its worker
+    # thread, gives the slot back.  (Whether the second one reaches the replica
+    # before the release is up to timing; either way both must be answered.  The
+    # drain test below is the one that needs the worker to wake the loop.)
+    release = tmp_path / "release"
+    handle = serve.run(SyncBlocker.options(max_ongoing_requests=1).bind(str(release)),
+                       name="blocker", route_prefix="/b")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        http = pool.submit(httpx.get, f"{http_url}/b", params={"tag": "http"}, timeout=30)
+        wait_for(lambda: _lines(Path(f"{release}.started")) == ["http"],
+                 message="the HTTP request to hold the slot")
+        waiting = handle.remote("call")
+        release.touch()
+        assert http.result().text == "done http"
+        assert waiting.result(timeout_s=15) == "handle call"
+
+
+def test_drain_waits_for_a_sync_request_in_flight(http_url: str, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    serve.run(SyncBlocker.options(graceful_shutdown_timeout_s=60).bind(str(release)),
+              name="blocker", route_prefix="/b")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        http = pool.submit(httpx.get, f"{http_url}/b", params={"tag": "inflight"}, timeout=60)
+        wait_for(lambda: _lines(Path(f"{release}.started")) == ["inflight"],
+                 message="the request to reach the replica")
+        deleting = pool.submit(serve.delete, "blocker")
+        release.touch()
+        assert (http.result().status_code, http.result().text) == (200, "done inflight")
+        # The drain hears of the thread's answer at once, well before its 60 s.
+        deleting.result(timeout=20)
+
+
+@pytest.mark.parametrize("path", ["/x", "/x/deeper?q=1"])
+def test_request_fields_reach_the_thread(http_url: str, path: str) -> None:
+    @serve.deployment
+    class Fields:
+        def __call__(self, request: Request) -> dict[str, Any]:
+            return {"path": request.url.path, "query": dict(request.query_params),
+                    "header": request.headers.get("x-probe"), "method": request.method}
+
+    serve.run(Fields.bind(), name="fields", route_prefix="/x")
+    r = httpx.post(f"{http_url}{path}", headers={"x-probe": "p"}, timeout=10)
+    expected_query = {"q": "1"} if "?" in path else {}
+    assert r.json() == {"path": path.split("?")[0], "query": expected_query, "header": "p",
+                        "method": "POST"}
