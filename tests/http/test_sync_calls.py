@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from ladle import serve
 from ladle._api.lifecycle import http_port
+from ladle._core.context import current_request
 from tests.conftest import wait_for
 
 
@@ -247,3 +248,37 @@ def test_large_answers_at_once_arrive_whole(http_url: str, slots: int) -> None:
         bodies = list(pool.map(get, range(16)))
     for n, body in enumerate(bodies):
         assert body == bytes([n % 251]) * (3 * 1024 * 1024 + n), n
+
+
+@serve.deployment
+class SyncIds:
+    def __init__(self, downstream: Any) -> None:
+        self.downstream = downstream
+
+    def __call__(self, request: Request) -> dict[str, str]:
+        ctx = current_request()
+        assert ctx is not None
+        return {"here": ctx.request_id,
+                "downstream": self.downstream.remote().result(timeout_s=10),
+                "model": serve.get_multiplexed_model_id()}
+
+
+@serve.deployment
+class Echoes:
+    def __call__(self) -> str:
+        ctx = current_request()
+        assert ctx is not None
+        return ctx.request_id
+
+
+@BOTH_PATHS
+def test_request_context_in_the_thread(http_url: str, slots: int) -> None:
+    # The request id and model id reach sync user code and the handle calls it makes
+    # (blocking ones: it runs in a worker thread).
+    app = SyncIds.options(max_ongoing_requests=slots).bind(Echoes.bind())
+    serve.run(app, name="ids", route_prefix="/ids")
+    with httpx.Client(base_url=http_url, timeout=20) as client:
+        r = client.get("/ids", headers={"X-Request-Id": "req-9",
+                                        "serve_multiplexed_model_id": "m-3"})
+        assert r.headers["x-request-id"] == "req-9"
+        assert r.json() == {"here": "req-9", "downstream": "req-9", "model": "m-3"}
