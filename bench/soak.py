@@ -4,7 +4,9 @@
 about 70 s; ``--quick`` about 15 s).  One ladle instance, its HTTP proxy on a
 free port of 127.0.0.1, one application of two deployments with two replicas
 each: ``Ingress`` (handle methods, a stream, and ``__call__`` for HTTP) and
-``Adder`` (downstream of the composition).  For 60 s (12 s with ``--quick``)
+``Adder`` (downstream of the composition); and a second application at
+``/sync``, ``SyncEcho`` (two replicas, a sync ``__call__``: its HTTP answers
+are written by worker threads, ``_serving/sync_http.py``).  For 60 s (12 s with ``--quick``)
 the driver keeps a bounded number of callers busy, each one request at a
 time:
 
@@ -16,6 +18,7 @@ time:
 - ``handle_stream``: a thread (``for``) and a coroutine (``async for``) each
   reading a 200-item stream per call;
 - ``http``: httpx connections alternating ``GET /echo`` and ``GET /compose``;
+- ``http_sync``: httpx connections calling ``GET /sync?x=i`` (``SyncEcho``);
 - ``http_stream``: httpx connections reading a 200-chunk ``StreamingResponse``.
 
 Every 10 s (3 s quick) one replica, picked at random among the deployments
@@ -60,7 +63,8 @@ DEATH_ERRORS = frozenset({"ReplicaDiedError", "HTTP 503", "RemoteProtocolError",
 
 # Callers per kind: threads for the sync ones, coroutines for the others.
 SYNC_CALLERS = {"handle_sync": 2, "handle_stream": 1}
-ASYNC_CALLERS = {"handle_async": 6, "compose": 4, "handle_stream": 1, "http": 4, "http_stream": 2}
+ASYNC_CALLERS = {"handle_async": 6, "compose": 4, "handle_stream": 1, "http": 4, "http_sync": 2,
+                 "http_stream": 2}
 
 
 class WrongResult(Exception):
@@ -125,6 +129,18 @@ def soak_app() -> Any:
             return PlainTextResponse("not found", status_code=404)
 
     return Ingress.bind(Adder.bind())
+
+
+def soak_sync_app() -> Any:
+    """A plain deployment with a sync ``__call__`` (default ``max_ongoing_requests``)."""
+    from ladle import serve
+
+    @serve.deployment(num_replicas=2)
+    class SyncEcho:
+        def __call__(self, request: Any) -> str:
+            return str(request.query_params["x"])
+
+    return SyncEcho.bind()
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -354,6 +370,13 @@ def async_calls(handle: Any, client: Any, url: str) -> dict[str, Callable[[int],
         _check(r.text, want)
         return 0
 
+    async def http_sync(i: int) -> int:
+        r = await client.get(f"{url}sync", params={"x": i})
+        if r.status_code != 200:
+            raise HTTPStatusError(r.status_code)
+        _check(r.text, str(i))
+        return 0
+
     async def http_stream(i: int) -> int:
         async with client.stream("GET", f"{url}stream?n={STREAM_ITEMS}") as r:
             if r.status_code != 200:
@@ -365,7 +388,7 @@ def async_calls(handle: Any, client: Any, url: str) -> dict[str, Callable[[int],
         return STREAM_ITEMS
 
     return {"handle_async": echo, "compose": compose, "handle_stream": items, "http": http,
-            "http_stream": http_stream}
+            "http_sync": http_sync, "http_stream": http_stream}
 
 
 async def _warm_up(calls: dict[str, Callable[[int], Awaitable[int]]]) -> None:
@@ -426,9 +449,10 @@ def soak(ctx: Context) -> dict[str, float]:
     try:
         serve.start(http_options={"host": HOST, "port": 0})
         handle = serve.run(soak_app(), name="soak", route_prefix="/")
+        serve.run(soak_sync_app(), name="soak_sync", route_prefix="/sync")
         url = f"http://{HOST}:{http_port()}/"
         proxy_pid = status_raw()["pids"]["proxy"]
-        n_conns = ASYNC_CALLERS["http"] + ASYNC_CALLERS["http_stream"]
+        n_conns = ASYNC_CALLERS["http"] + ASYNC_CALLERS["http_sync"] + ASYNC_CALLERS["http_stream"]
 
         async def drive() -> tuple[int, float]:
             limits = httpx.Limits(max_connections=n_conns, max_keepalive_connections=n_conns)
