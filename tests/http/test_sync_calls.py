@@ -282,3 +282,38 @@ def test_request_context_in_the_thread(http_url: str, slots: int) -> None:
                                         "serve_multiplexed_model_id": "m-3"})
         assert r.headers["x-request-id"] == "req-9"
         assert r.json() == {"here": "req-9", "downstream": "req-9", "model": "m-3"}
+
+
+@serve.deployment
+class HandsBackSlowWork:
+    """A sync ``__call__`` returning a coroutine that runs on the loop until cancelled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, request: Request) -> Any:
+        if request.query_params.get("quick"):
+            return "quick"
+        return self._slow()
+
+    async def _slow(self) -> str:
+        import asyncio
+
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            Path(self.marker).write_text("cancelled")
+            raise
+        return "slow"
+
+
+@pytest.mark.parametrize("slots", [1, 16], ids=["thread-answers", "loop-answers"])
+def test_timeout_cancels_the_awaitable_a_sync_call_returned(tmp_path: Path, slots: int) -> None:
+    marker = tmp_path / "cancelled"
+    serve.start(http_options={"host": "127.0.0.1", "port": 0, "request_timeout_s": 0.5})
+    serve.run(HandsBackSlowWork.options(max_ongoing_requests=slots).bind(str(marker)),
+              name="slow", route_prefix="/slow")
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port()}", timeout=20) as client:
+        assert client.get("/slow").status_code == 408
+        wait_for(marker.exists, message="the awaitable to be cancelled on the replica")
+        assert client.get("/slow", params={"quick": "1"}).text == "quick"  # slot given back

@@ -88,8 +88,12 @@ class SyncHttpCall:
                         exc: BaseException | None) -> None:
         if not self._claim():
             return  # cancelled meanwhile: answered and released already
-        self._task = self._replica.loop.create_task(
-            self._finish(scope, receive, result, exc), context=self._ctx)
+        task = self._replica.loop.create_task(self._finish(scope, receive, result, exc),
+                                              context=self._ctx)
+        # A callback, not a ``finally``: a task cancelled before its first step never
+        # runs its coroutine, and this request's slot is taken already.
+        task.add_done_callback(self._finished)
+        self._task = task
 
     async def _finish(self, scope: dict[str, Any], receive: Any, result: Any,
                       exc: BaseException | None) -> None:
@@ -98,12 +102,14 @@ class SyncHttpCall:
             await finish_sync_http(replica.user_callable, scope, receive, result, exc,
                                    self._sink, replica.spec.deployment_id.name, self._debug)
         except asyncio.CancelledError:
-            self._answer_cancelled(release=False)
             raise
         except BaseException as error:
             self._sink.error(error)
-        finally:
-            replica.release()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._answer_cancelled(release=False)  # the answer is a no-op if one went out
+        self._replica.release()
 
     def cancel(self) -> None:
         """On the loop: the client went away (or timed out), or the connection died."""
