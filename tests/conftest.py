@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import select
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -48,6 +50,55 @@ def replica_pids() -> set[int]:
         except psutil.Error:
             pass
     return pids
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (or is a zombie its parent has not reaped yet)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def lines(path: Path) -> list[str]:
+    """The lines of a file a replica appends to; none while it does not exist."""
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything a server sends until it closes; fails if it is still open at the bound."""
+    deadline = time.monotonic() + timeout_s
+    received = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"the server kept the connection open for {timeout_s}s "
+                                 f"after sending {received[:300]!r}")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return received
+        except TimeoutError:
+            continue
+        if not chunk:
+            return received
+        received += chunk
+
+
+@pytest.fixture
+def http_url() -> Iterator[str]:
+    """Start ladle with its HTTP proxy on a free port; yield ``http://127.0.0.1:PORT``."""
+    from ladle._api.lifecycle import http_port
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    port = http_port()
+    assert port
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
 
 
 def _children() -> list[psutil.Process]:

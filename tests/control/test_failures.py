@@ -16,14 +16,7 @@ import pytest
 
 from ladle import serve
 from ladle.exceptions import ReplicaDiedError
-from tests.conftest import read_line_within, replica_pids, wait_for
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from tests.conftest import gone, read_line_within, replica_pids, wait_for
 
 
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import psutil
 import pytest
 
 from ladle import serve
 from ladle.exceptions import DeploymentFailedError, RayServeException
-from tests.conftest import replica_pids, wait_for
+from tests.conftest import gone, replica_pids, wait_for
 
 
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def running(app: str, deployment: str) -> int:

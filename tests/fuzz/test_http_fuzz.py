@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import socket
-import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from starlette.requests import Request
 
 from ladle import serve
 from ladle._api import lifecycle
+from tests.conftest import read_until_closed
 from tests.fuzz.conftest import FUZZ, INPUTS
 
 BOUND_S = 10.0  # every socket operation and every wait for the server has this deadline
@@ -72,27 +72,7 @@ def exchange(port: int, data: bytes, *, half_close: bool) -> bytes:
                 sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the server may refuse and close while we are still sending
-        return read_until_closed(sock)
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    deadline = time.monotonic() + BOUND_S
-    received = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"the proxy kept the connection open for {BOUND_S}s after "
-                                 f"sending {received[:300]!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            return received
-        except TimeoutError:
-            continue
-        if not chunk:
-            return received
-        received += chunk
+        return read_until_closed(sock, BOUND_S)
 
 
 STATUS = re.compile(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ")

@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ladle import serve
 from ladle._api.lifecycle import http_port
-from tests.conftest import wait_for
+from tests.conftest import read_until_closed, wait_for
 
 
 @serve.deployment
@@ -50,27 +50,6 @@ def exchange(port: int, data: bytes, timeout_s: float = 10.0) -> bytes:
         except OSError:
             pass  # the server may close while a huge request is still being sent
         return read_until_closed(sock, timeout_s)
-
-
-def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
-    """Everything the server sends until it closes; fails if it is still open at the bound."""
-    deadline = time.monotonic() + timeout_s
-    received = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"the server kept the connection open for {timeout_s}s "
-                                 f"after sending {received[:200]!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return received
-        except TimeoutError:
-            continue
-        if not chunk:
-            return received
-        received += chunk
 
 
 def status_of(raw: bytes) -> int | None:

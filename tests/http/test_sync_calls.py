@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from ladle import serve
 from ladle._api.lifecycle import http_port
 from ladle._core.context import current_request
-from tests.conftest import wait_for
+from tests.conftest import lines, wait_for
 
 
 @dataclasses.dataclass
@@ -136,10 +136,6 @@ class SyncBlocker:
         return f"done {tag}"
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().split() if path.exists() else []
-
-
 @BOTH_PATHS
 def test_timeout_answers_408_and_frees_the_slot(tmp_path: Path, slots: int) -> None:
     release = tmp_path / "release"
@@ -155,9 +151,9 @@ def test_timeout_answers_408_and_frees_the_slot(tmp_path: Path, slots: int) -> N
         assert [r.status_code for r in slow] == [408] * slots
         r = client.get("/b", params={"tag": "fast", "wait": "0"})
         assert (r.status_code, r.text) == (200, "done fast")
-        assert _lines(Path(f"{release}.finished")) == ["fast"]
+        assert lines(Path(f"{release}.finished")) == ["fast"]
         release.touch()
-        wait_for(lambda: len(_lines(Path(f"{release}.finished"))) == slots + 1,
+        wait_for(lambda: len(lines(Path(f"{release}.finished"))) == slots + 1,
                  message="the timed-out calls to finish in their threads")
         assert client.get("/b", params={"tag": "again", "wait": "0"}).text == "done again"
 
@@ -190,7 +186,7 @@ def test_a_request_waiting_for_the_slot_runs_when_a_thread_finishes(http_url: st
                        name="blocker", route_prefix="/b")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         http = pool.submit(httpx.get, f"{http_url}/b", params={"tag": "http"}, timeout=30)
-        wait_for(lambda: _lines(Path(f"{release}.started")) == ["http"],
+        wait_for(lambda: lines(Path(f"{release}.started")) == ["http"],
                  message="the HTTP request to hold the slot")
         waiting = handle.remote("call")
         release.touch()
@@ -204,7 +200,7 @@ def test_drain_waits_for_a_sync_request_in_flight(http_url: str, tmp_path: Path)
               name="blocker", route_prefix="/b")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         http = pool.submit(httpx.get, f"{http_url}/b", params={"tag": "inflight"}, timeout=60)
-        wait_for(lambda: _lines(Path(f"{release}.started")) == ["inflight"],
+        wait_for(lambda: lines(Path(f"{release}.started")) == ["inflight"],
                  message="the request to reach the replica")
         deleting = pool.submit(serve.delete, "blocker")
         release.touch()

@@ -27,23 +27,8 @@ import psutil
 import pytest
 
 from ladle import serve
-from ladle._api.lifecycle import http_port
 from ladle.exceptions import HandleClosedError, ReplicaDiedError
-from tests.conftest import replica_pids, wait_for
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
+from tests.conftest import gone, lines, replica_pids, wait_for
 
 
 def refused(url: str) -> bool:

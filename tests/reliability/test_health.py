@@ -9,26 +9,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ladle import serve
 from ladle.exceptions import DeploymentFailedError
-from tests.conftest import replica_pids, wait_for
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
+from tests.conftest import gone, lines, replica_pids, wait_for
 
 
 def deployment_status(app: str, deployment: str) -> tuple[str, str, int]:

@@ -15,14 +15,7 @@ import psutil
 
 from ladle import serve
 from ladle._api.lifecycle import http_port
-from tests.conftest import read_line_within, wait_for
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from tests.conftest import gone, read_line_within, wait_for
 
 
 def proxy_pid() -> int | None:

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from starlette.requests import Request
 
 from ladle import serve
 from ladle._api import lifecycle
 from ladle._backends.local.rpc import open_connection
-from tests.conftest import replica_pids, wait_for
+from tests.conftest import gone, lines, replica_pids, wait_for
 from tests.reliability.load import Load, handle_caller, http_caller
 
 MAX_ONGOING = 2
@@ -49,13 +48,6 @@ class Worker:
         return await self.work(request.query_params["tag"])
 
 
-def lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-
-
 def replica_ongoing(replica_id: str) -> int:
     """What the replica counts as in flight on it: running, plus waiting for a slot."""
     assert lifecycle._instance is not None
@@ -76,13 +68,6 @@ def replica_ongoing(replica_id: str) -> int:
 def running(app: str, deployment: str) -> int:
     apps = serve.status().applications
     return apps[app].deployments[deployment].replica_states.get("RUNNING", 0) if app in apps else 0
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_sigkill_under_load_fails_exactly_the_requests_in_flight(http_url: str,

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from ladle import serve
-from tests.conftest import replica_pids, wait_for
+from tests.conftest import gone, lines, replica_pids, wait_for
 from tests.reliability.load import CALL_TIMEOUT_S, Load, handle_caller, http_caller
 
 OPTIONS: dict[str, Any] = dict(name="Model", num_replicas=2, max_ongoing_requests=8,
@@ -65,20 +64,6 @@ class ModelV2:
 
     async def __call__(self, arg: Any) -> dict[str, Any]:
         return await answer(self.state_dir, arg, f"v2{self.label}")
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
 
 
 @contextmanager

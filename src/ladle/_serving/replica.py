@@ -73,9 +73,8 @@ class Replica:
         self._started = 0  # requests ever admitted: drain watches it for stragglers
         # Requests a worker thread finished on its own (sync_http.py), not yet released:
         # ``reap`` releases them when anything needs an exact count.  Workers wake the
-        # loop for it only while something waits for a slot or for idleness.
+        # loop for it only while something waits for a slot or for idleness (a drain).
         self._done_in_threads: deque[None] = deque()
-        self._wake_on_done = False
         self._draining = 0
         self._sync_call: Any = None  # the plain sync __call__ HTTP goes to, once known
         self._user: UserCallable | None = None
@@ -210,7 +209,9 @@ class Replica:
     def done_from_thread(self) -> None:
         """A worker thread answered a request on its own (``sync_http.py``)."""
         self._done_in_threads.append(None)
-        if self._wake_on_done:
+        # Read after the append; the loop changes these before it reaps: one of the
+        # two sees the other, so a finished request is never missed.
+        if self._slot_waiters or self._draining:
             try:
                 self.loop.call_soon_threadsafe(self.reap)
             except RuntimeError:
@@ -221,13 +222,7 @@ class Replica:
         done = self._done_in_threads
         while done:
             done.popleft()
-            self._release()
-
-    def _watch_done(self) -> None:
-        """Have workers wake the loop while anything waits on the count of ongoing
-        requests; then count in what finished before the flag was seen."""
-        self._wake_on_done = bool(self._slot_waiters) or self._draining > 0
-        self.reap()
+            self.release()
 
     def _take_free_slot(self) -> bool:
         """``_acquire`` without a coroutine, when a slot is free (most requests)."""
@@ -247,32 +242,26 @@ class Replica:
             return
         waiter = self._loop.create_future()  # type: ignore[union-attr]
         self._slot_waiters.append(waiter)
-        self._watch_done()
+        self.reap()  # after the append: from now on a worker that finishes wakes the loop
         try:
             await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot while being cancelled: pass it on
+                self.release()  # handed a slot while being cancelled: pass it on
             else:
                 try:
                     self._slot_waiters.remove(waiter)
                 except ValueError:
                     pass
-                self._watch_done()
             raise
         self._started += 1  # the releaser counted us in already
 
     def release(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
         waiters = self._slot_waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # the slot passes straight to the next request
-                if not waiters:
-                    self._wake_on_done = self._draining > 0
                 return
         self._ongoing -= 1
         if self._ongoing == 0:
@@ -309,7 +298,7 @@ class Replica:
         except BaseException as exc:
             sink.error(exc)
         finally:
-            self._release()
+            self.release()
 
     async def _stream(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> None:
@@ -338,7 +327,7 @@ class Replica:
         except BaseException as exc:
             sink.error(exc)
         finally:
-            self._release()
+            self.release()
 
     async def _wait_ready(self) -> None:
         assert self._ready is not None
@@ -398,7 +387,7 @@ class Replica:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         self._draining += 1
-        self._watch_done()
+        self.reap()  # after the count: from now on a worker that finishes wakes the loop
         try:
             while True:
                 try:
@@ -413,7 +402,6 @@ class Replica:
                     return self._ongoing
         finally:
             self._draining -= 1
-            self._watch_done()
 
     async def _sys_stop(self) -> None:
         assert self._stopped is not None
