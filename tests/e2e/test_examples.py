@@ -33,7 +33,12 @@ def test_quickstart_answers_from_python_and_http_and_its_curl_works(tmp_path: Pa
         assert httpx.get(url.group(1)).json() == {"input": 5, "result": 18}
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0, out_path.read_text()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the quickstart did not exit within 30 s of Ctrl-C:\n"
+                                 + out_path.read_text()) from None
+        assert code == 0, out_path.read_text()
         wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                                  for c in children), message="the quickstart's processes to exit")
     finally:

@@ -295,7 +295,11 @@ def test_stalled_client_is_bounded_by_request_timeout() -> None:
         raw = read_until_closed(sock, 10)
     status = status_of(raw)
     assert status in (None, 408), raw[:300]
-    assert_proxy_serves(f"http://127.0.0.1:{port}")
+    # The proxy still serves.  A busy machine can make even this request outlast the
+    # short timeout (a 408 is an answer too), so ask until one fits.
+    url = f"http://127.0.0.1:{port}/a/after"
+    wait_for(lambda: httpx.get(url, timeout=10).status_code == 200,
+             message="the proxy to answer 200 after the stalled client")
 
 
 @serve.deployment

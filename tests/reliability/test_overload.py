@@ -1,10 +1,11 @@
 """Overload far past capacity: the excess is shed at once, nothing grows, service recovers.
 
 One replica takes two requests at a time (~20 ms each) and each router
-queues four more; 60 clients (HTTP and handles) send back to back for
-about two seconds.  Latency bounds here are sanity bounds, not speed
-targets: a rejection must not wait for capacity, an admitted request must
-not wait unboundedly.
+queues four more; 60 clients (HTTP and handles) send back to back for at
+least two seconds, and on until each path has had enough requests admitted
+(a busy machine admits fewer per second).  Latency bounds here are sanity
+bounds, not speed targets: a rejection must not wait for capacity, an
+admitted request must not wait unboundedly.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ladle.handle import DeploymentHandle
 
 CLIENTS = 30  # per path: 60 in all
 DURATION_S = 2.0
+MIN_ADMITTED = 15  # per path, before the load stops
+GIVE_UP_S = 30.0  # ... or this long, and the test fails on the counts
 CALL_TIMEOUT_S = 10.0
 
 
@@ -42,15 +45,30 @@ class Result:
     latency_s: float
 
 
-async def overload(url: str, handle: DeploymentHandle, duration_s: float) -> list[Result]:
+async def overload(url: str, handle: DeploymentHandle, duration_s: float,
+                   min_admitted: int = 0) -> list[Result]:
+    """Load for ``duration_s`` at least, and until each path had ``min_admitted`` answers."""
     results: list[Result] = []
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + duration_s
+    started_at = loop.time()
+    admitted = {"http": 0, "handle": 0}
+
+    def more() -> bool:
+        elapsed = loop.time() - started_at
+        if elapsed > GIVE_UP_S:
+            return False
+        return elapsed < duration_s or min(admitted.values()) < min_admitted
+
+    def record(result: Result) -> None:
+        results.append(result)
+        if result.outcome == "ok":
+            admitted[result.path] += 1
+
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
 
     async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S, limits=limits) as client:
         async def http_client() -> None:
-            while loop.time() < deadline:
+            while more():
                 started = time.monotonic()
                 try:
                     response = await client.get(url)
@@ -58,10 +76,10 @@ async def overload(url: str, handle: DeploymentHandle, duration_s: float) -> lis
                                                                f"http {response.status_code}")
                 except Exception as exc:
                     outcome = type(exc).__name__
-                results.append(Result("http", outcome, time.monotonic() - started))
+                record(Result("http", outcome, time.monotonic() - started))
 
         async def handle_client() -> None:
-            while loop.time() < deadline:
+            while more():
                 started = time.monotonic()
                 try:
                     value = await asyncio.wait_for(handle.remote(), CALL_TIMEOUT_S)
@@ -70,7 +88,11 @@ async def overload(url: str, handle: DeploymentHandle, duration_s: float) -> lis
                     outcome = "rejected"
                 except Exception as exc:
                     outcome = type(exc).__name__
-                results.append(Result("handle", outcome, time.monotonic() - started))
+                record(Result("handle", outcome, time.monotonic() - started))
+                # A rejection is an already-failed response, and awaiting it does not
+                # yield (nor, since Python 3.12, does wait_for): without this the
+                # handle clients would starve the HTTP clients of this loop.
+                await asyncio.sleep(0)
 
         await asyncio.gather(*(http_client() for _ in range(CLIENTS)),
                              *(handle_client() for _ in range(CLIENTS)))
@@ -91,7 +113,7 @@ def test_overload_sheds_the_excess_and_recovers(http_url: str) -> None:
     # Warm up (connections, imports on first use), then measure.
     asyncio.run(overload(url, handle, 0.5))
     before = {name: rss(pid) for name, pid in processes.items()}
-    results = asyncio.run(overload(url, handle, DURATION_S))
+    results = asyncio.run(overload(url, handle, DURATION_S, MIN_ADMITTED))
     after = {name: rss(pid) for name, pid in processes.items()}
 
     for path in ("http", "handle"):
@@ -100,8 +122,9 @@ def test_overload_sheds_the_excess_and_recovers(http_url: str) -> None:
         assert outcomes == {"ok", "rejected"}, outcomes  # no other error, no timeout
         admitted = [r.latency_s for r in mine if r.outcome == "ok"]
         rejected = [r.latency_s for r in mine if r.outcome == "rejected"]
-        # Far more than one replica can take: most are shed ...
-        assert len(rejected) > len(admitted) > 10, (path, len(rejected), len(admitted))
+        # Far more than one replica can take: some are served, the excess is shed ...
+        assert len(admitted) >= MIN_ADMITTED, (path, len(rejected), len(admitted))
+        assert len(rejected) >= MIN_ADMITTED, (path, len(rejected), len(admitted))
         # ... at once, without waiting for capacity as the admitted requests do ...
         assert statistics.median(rejected) < statistics.median(admitted), path
         assert max(rejected) < 5.0, path

@@ -20,14 +20,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
 from .._control.autoscaling import AutoscalingPolicy
 from .._control.controller import AppTarget, Controller
 from .._control.deployment_state import DeploymentTarget
 from .._core.context import current_replica
 from .._core.errors import HandleClosedError, LadleError
 from .._core.loop import background_loop, running_loop
+from .._core.serialization import dumps
 from .._core.snapshots import hub
 from .._core.types import DeploymentID
 from .._serving import control_link
@@ -300,7 +299,7 @@ def build_app_target(app: Application, name: str, route_prefix: str | None) -> A
             raise TypeError(f"Could not serialize deployment '{dname}' "
                             f"({dep.func_or_class!r}): {exc}") from exc
         try:
-            init = cloudpickle.dumps((args, kwargs))
+            init = dumps((args, kwargs))
         except Exception as exc:
             raise TypeError(f"Could not serialize the arguments bound to deployment "
                             f"'{dname}': {exc}") from exc
@@ -344,7 +343,7 @@ _serialized_code: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDiction
 def _serialize_code(func_or_class: Any) -> bytes:
     code = _serialized_code.get(func_or_class)
     if code is None:
-        code = _serialized_code[func_or_class] = cloudpickle.dumps(func_or_class)
+        code = _serialized_code[func_or_class] = dumps(func_or_class)
     return code
 
 

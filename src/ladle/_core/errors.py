@@ -127,8 +127,8 @@ def pack_exception(exc: BaseException) -> tuple[bytes, str]:
         pickle.loads(data)  # an exception that pickles but won't load is no better
     except Exception:
         try:
-            import cloudpickle
-            data = cloudpickle.dumps(exc, protocol=5)
+            from .serialization import dumps
+            data = dumps(exc)
             pickle.loads(data)
         except Exception:
             data = pickle.dumps(RemoteError(type(exc).__qualname__, _safe_str(exc), tb))

@@ -6,6 +6,9 @@ the C pickler alone, which is several times cheaper.  Large buffers (bytes, NumP
 the transport can write them without another copy.  Loading is plain
 ``pickle.loads`` — only ever on bytes from another ladle process, never on
 bytes from an HTTP client.
+
+Everything ladle pickles with cloudpickle goes through ``CodePickler``, which
+keeps each code object's file name (see ``_reduce_code``).
 """
 
 from __future__ import annotations
@@ -13,12 +16,53 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+import types
+from collections import ChainMap
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
 # Buffers smaller than this are cheaper to copy into the pickle than to frame.
 _OUT_OF_BAND_MIN_BYTES = 64 * 1024
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    """cloudpickle's reduction of a code object, with the code's own file name.
+
+    cloudpickle 3.1.3 replaced every shipped code object's ``co_filename`` with
+    ``<dynamic-code>`` (for deterministic payloads), so a traceback from a class
+    defined in ``__main__``, a notebook or a test function lost its file, line
+    text and source.  Ship the name beside cloudpickle's arguments and put it
+    back on load; on versions that keep it, this changes nothing.
+    """
+    ctor, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    if ctor is not types.CodeType:  # a cloudpickle we don't know: trust it
+        return ctor, args
+    return _rebuild_code, (args, code.co_filename)
+
+
+def _rebuild_code(args: tuple[Any, ...], filename: str) -> types.CodeType:
+    code = types.CodeType(*args)
+    return code if code.co_filename == filename else code.replace(co_filename=filename)
+
+
+_CLOUDPICKLE_CODE_REDUCE: Callable[[types.CodeType], Any] = \
+    cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+class CodePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's Pickler, keeping code objects' file names (``_reduce_code``)."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+def dumps(obj: Any, *, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None
+          ) -> bytes:
+    """``cloudpickle.dumps`` (protocol 5) through ``CodePickler``."""
+    f = io.BytesIO()
+    CodePickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
 
 
 class _NotPlain(Exception):
@@ -44,7 +88,7 @@ class _Picklers(threading.local):
         self.file = io.BytesIO()
         self.buffers: list[pickle.PickleBuffer] = []
         self.plain = _PlainPickler(self.file, protocol=5)
-        self.full = cloudpickle.Pickler(self.file, protocol=5, buffer_callback=self._keep)
+        self.full = CodePickler(self.file, protocol=5, buffer_callback=self._keep)
         self.busy = False
 
     def _keep(self, buf: pickle.PickleBuffer) -> bool:
@@ -62,7 +106,7 @@ def dumps_oob(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     state = _local
     if state.busy:  # re-entered from a __reduce__: use a fresh pickler
         buffers: list[pickle.PickleBuffer] = []
-        data: bytes = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        data = dumps(obj, buffer_callback=buffers.append)
         return data, buffers
     state.busy = True
     f = state.file
@@ -101,7 +145,7 @@ def describe_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 def _pickle_error(value: Any) -> str | None:
     try:
-        cloudpickle.dumps(value, protocol=5)
+        dumps(value)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

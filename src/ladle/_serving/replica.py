@@ -89,16 +89,31 @@ class Replica:
 
     # ---------------------------------------------------------------- lifecycle
 
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """Make the loop-bound state, on the loop serving this replica: from ``run``, or
+        from the first request if one arrives before ``run`` has taken its first step."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._ready = self._loop.create_future()
+            self._stopped = asyncio.Event()
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._loop
+
+    def _bind_loop_early(self) -> asyncio.AbstractEventLoop:
+        loop = self._bind_loop()
+        # In a context of its own: this runs in a transport callback, whose context
+        # other replicas of this process (local testing mode) may share.
+        contextvars.copy_context().run(self._install_context, None)
+        return loop
+
     async def run(self) -> None:
         """Build the user object, then serve until asked to stop."""
-        self._loop = asyncio.get_running_loop()
-        self._ready = self._loop.create_future()
-        self._stopped = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        loop = self._bind_loop()
+        assert self._ready is not None and self._stopped is not None
         self._install_context(None)
         if self.spec.controller_address:
-            control_link.install(self.spec.controller_address, self._loop)
+            control_link.install(self.spec.controller_address, loop)
             hub.closed = None
         try:
             await self._build()
@@ -151,7 +166,7 @@ class Replica:
 
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> RunningRequest | None:
-        assert self._loop is not None
+        loop = self._loop or self._bind_loop_early()
         if type(meta) is not tuple or len(meta) != 5:
             # Checked before a slot is taken: a request that fails past that point
             # without reaching its handler would keep the slot forever.
@@ -167,7 +182,7 @@ class Replica:
             coro = self._stream(meta, args, kwargs, sink)
         else:
             coro = self._unary(meta, args, kwargs, sink)
-        return self._loop.create_task(coro, context=self._base_context.copy())
+        return loop.create_task(coro, context=self._base_context.copy())
 
     def _sync_http(self, meta: tuple[Any, ...], args: tuple[Any, ...],
                    sink: ReplySink) -> SyncHttpCall | None:

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
+from ..._core.serialization import dumps
 from ..._core.transport import RequestServer, Servable, register_connector
 from .rpc import open_connection, serve_socket
 
@@ -97,7 +96,7 @@ class LocalBackend:
                     on_exit: Callable[[str], None]) -> str:
         sock, address = self._bind(name)
         try:
-            payload = cloudpickle.dumps((list(sys.path), os.getcwd(), cloudpickle.dumps(target)))
+            payload = dumps((list(sys.path), os.getcwd(), dumps(target)))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ladle._backends.local.replica_main", str(sock.fileno()), name,
                 stdin=asyncio.subprocess.PIPE, pass_fds=(sock.fileno(),), env=self._env)
