@@ -239,23 +239,28 @@ def request_class() -> Any:
 
 
 _TEXT = b"text/plain; charset=utf-8"
-_OCTETS = b"application/octet-stream"
+# Ray Serve answers bytes and None as "text/plain" without a charset (None as an
+# empty body), so clients that dispatch on the content type see the same thing.
+_RAW = b"text/plain"
 _JSON = b"application/json"
 
 
 def simple_response(result: Any) -> _Simple | None:
     """The two ASGI messages for a plain return value, without building a Response.
 
-    The same bytes and headers Starlette's PlainTextResponse/Response/JSONResponse
-    would send; None when the value needs a real Response.
+    The body and content type Ray Serve answers for the value (str as UTF-8 text,
+    bytes and None as "text/plain", JSON for the rest); None when the value needs a
+    real Response.
     """
     kind = type(result)
     if kind is str:
         body = result.encode()
         media = _TEXT
     elif kind is bytes:
-        body, media = result, _OCTETS
-    elif kind in (dict, list, int, float, bool) or result is None:
+        body, media = result, _RAW
+    elif result is None:
+        body, media = b"", _RAW
+    elif kind in (dict, list, int, float, bool):
         try:
             body = json.dumps(result, ensure_ascii=False, allow_nan=False, indent=None,
                               separators=(",", ":")).encode()
@@ -278,7 +283,7 @@ def to_response(result: Any) -> Any:
     if isinstance(result, str):
         return PlainTextResponse(result)
     if isinstance(result, bytes | bytearray | memoryview):
-        return Response(bytes(result), media_type="application/octet-stream")
+        return Response(bytes(result), headers={"content-type": _RAW.decode()})
     try:
         return JSONResponse(result)
     except (TypeError, ValueError):

@@ -73,7 +73,8 @@ class DeploymentHandle:
 
     def options(self, *, method_name: Any = DEFAULT, multiplexed_model_id: Any = DEFAULT,
                 stream: Any = DEFAULT, use_new_handle_api: Any = DEFAULT,
-                _prefer_local_routing: Any = DEFAULT, _source: Any = DEFAULT) -> DeploymentHandle:
+                _prefer_local_routing: Any = DEFAULT, _by_reference: Any = DEFAULT,
+                _source: Any = DEFAULT) -> DeploymentHandle:
         """Return a copy of this handle with some options changed.
 
         Example:
@@ -93,6 +94,10 @@ class DeploymentHandle:
             if not isinstance(stream, bool):
                 raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
             changes["stream"] = stream
+        if _by_reference is not DEFAULT and not isinstance(_by_reference, bool):
+            # Ray picks actor calls or gRPC with it; ladle has one data plane, so
+            # the choice changes nothing and only its type is checked.
+            raise TypeError(f"_by_reference must be a bool, got {type(_by_reference).__name__}")
         clone = DeploymentHandle.__new__(DeploymentHandle)
         clone.deployment_id = self.deployment_id
         clone.handle_options = replace(self.handle_options, **changes)

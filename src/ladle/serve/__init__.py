@@ -3,6 +3,8 @@
 Replace ``from ray import serve`` with ``from ladle import serve``.
 """
 
+# For its side effect only: `starlette.requests` usable after `import starlette`.
+from .._api import http_types as _http_types  # noqa: F401
 from .._api.batching import batch as batch
 from .._api.config import AutoscalingConfig as AutoscalingConfig
 from .._api.config import HTTPOptions as HTTPOptions
