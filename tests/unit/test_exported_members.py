@@ -9,10 +9,11 @@ import ladle
 import ladle.exceptions
 import ladle.handle
 from ladle import serve
+from ladle.serve import schema
 
 
 def test_all_names_exist() -> None:
-    for module in (ladle, serve, serve.handle, serve.exceptions, serve.config,
+    for module in (ladle, serve, serve.handle, serve.exceptions, serve.config, schema,
                    ladle.handle, ladle.exceptions):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"
