@@ -73,7 +73,7 @@ class LocalBackend:
         self.run_dir = run_dir or make_private_dir(default_run_root())
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[Any] = []
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH", "")) if p)

@@ -8,11 +8,15 @@ many requests share one socket.  Kinds:
                     CANCEL, CREDIT (the consumer can take N more items),
                     INPUT (a message into a running request: WebSocket frames)
   server → client   RESULT, ERROR, ITEM, END
+  both ways         RELEASE, DROP (shared-memory segments: ``shm_link.py``)
 
 A payload with the OOB flag starts with its out-of-band buffer table (pickle
-protocol 5), so large arrays are written without another copy.  Writes made
-in one loop iteration are coalesced into one system call.  Nothing here
-knows what a replica or a controller is: a ``RequestServer`` answers.
+protocol 5), so large arrays are written without another copy; with the SHM
+flag too, the large ones are not written at all but lent in shared memory
+(on a Unix connection that has an fd channel).  Writes made in one loop
+iteration are coalesced into one system call; the first item of a stream
+leaves at once.  Nothing here knows what a replica or a controller is: a
+``RequestServer`` answers.
 
 On a Unix socket the file's mode (0600, in a 0700 directory) is the
 authentication; TCP peers authenticate first (``tcp_auth.py``).
@@ -38,16 +42,21 @@ from ..._core.errors import (
     unpack_exception,
 )
 from ..._core.inbox import Inbox
-from ..._core.serialization import describe_unpicklable, dumps_oob
+from ..._core import shared_memory
+from ..._core.serialization import describe_unpicklable, dumps_oob, out_of_band
+from ..._core.shared_memory import SegmentMap
 from ..._core.transport import DoneCallback, RequestServer, StreamReceiver
+from .shm_link import HELLO, ShmLink, channel_pair
 
 HEADER = struct.Struct("<IBQ")
 HEADER_SIZE = HEADER.size
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 
-REQUEST, STREAM, CANCEL, CREDIT, RESULT, ERROR, ITEM, END, INPUT = range(1, 10)
+REQUEST, STREAM, CANCEL, CREDIT, RESULT, ERROR, ITEM, END, INPUT, RELEASE, DROP = range(1, 12)
 OOB = 0x80
+SHM = 0x40
+_FLAGS = OOB | SHM
 # A frame claiming more than this is garbage: drop the peer.  (Not a memory bound: the
 # buffer grows only with bytes actually received, never with what a header claims.)
 MAX_FRAME_BYTES = 1 << 31
@@ -62,16 +71,18 @@ def _limits(most: dict[int, int]) -> tuple[int, ...]:
     return tuple(limits)
 
 
+_IDS_BYTES = 8 << 16  # RELEASE/DROP: segment ids, 8 bytes each
+
+
+def _data_limits(*kinds: int) -> dict[int, int]:
+    return {kind | flags: MAX_FRAME_BYTES for kind in kinds for flags in (0, OOB, OOB | SHM)}
+
+
 _SERVER_LIMITS = _limits({
-    REQUEST: MAX_FRAME_BYTES, REQUEST | OOB: MAX_FRAME_BYTES,
-    STREAM: MAX_FRAME_BYTES, STREAM | OOB: MAX_FRAME_BYTES,
-    INPUT: MAX_FRAME_BYTES, INPUT | OOB: MAX_FRAME_BYTES,
-    CANCEL: 0, CREDIT: 4})
+    **_data_limits(REQUEST, STREAM, INPUT), CANCEL: 0, CREDIT: 4,
+    RELEASE: _IDS_BYTES, DROP: _IDS_BYTES})
 _CLIENT_LIMITS = _limits({
-    RESULT: MAX_FRAME_BYTES, RESULT | OOB: MAX_FRAME_BYTES,
-    ERROR: MAX_FRAME_BYTES, ERROR | OOB: MAX_FRAME_BYTES,
-    ITEM: MAX_FRAME_BYTES, ITEM | OOB: MAX_FRAME_BYTES,
-    END: 0})
+    **_data_limits(RESULT, ERROR, ITEM), END: 0, RELEASE: _IDS_BYTES, DROP: _IDS_BYTES})
 
 # Parts (about two per frame) written at once at the latest; fewer wait for the end
 # of the loop iteration, to share one system call.
@@ -81,35 +92,64 @@ _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 
 
-def _encode(kind: int, key: int, obj: Any) -> list[bytes | memoryview]:
+def _encode(kind: int, key: int, obj: Any, link: ShmLink | None = None) -> list[bytes | memoryview]:
     data, buffers = dumps_oob(obj)
     if not buffers:
         return [_pack_header(len(data), kind, key), data]
     raws = [b.raw() for b in buffers]
-    table = U32.pack(len(raws)) + b"".join(U64.pack(r.nbytes) for r in raws)
-    total = len(table) + len(data) + sum(r.nbytes for r in raws)
+    if link is not None and not link.closed:
+        table, inline = link.encode(raws)
+        head = U32.pack(len(raws)) + table
+        total = len(head) + len(data) + sum(r.nbytes for r in inline)
+        return [_pack_header(total, kind | OOB | SHM, key), head, data, *inline]
+    # A segment's memory is reused once its owner lets go, maybe before this is
+    # written: copy it now.
+    raws = [bytes(r) if type(r.obj) is SegmentMap else r for r in raws]
+    table = U32.pack(len(raws)) + b"".join(U64.pack(len(r)) for r in raws)
+    total = len(table) + len(data) + sum(len(r) for r in raws)
     return [_pack_header(total, kind | OOB, key), table, data, *raws]
 
 
-def _decode(payload: bytes | bytearray, oob: bool) -> Any:
-    if not oob:
+def _decode(payload: bytes | bytearray, flags: int, link: ShmLink | None = None) -> Any:
+    if not flags:
         return pickle.loads(payload)
     view = memoryview(payload)
     (count,) = U32.unpack_from(view, 0)
     pos = 4
-    sizes = []
-    for _ in range(count):
-        sizes.append(U64.unpack_from(view, pos)[0])
-        pos += 8
-    buffers_len = sum(sizes)
+    if flags & SHM:
+        if link is None:
+            raise ValueError("a shared-memory frame on a connection without an fd channel")
+        buffers, buffers_len, pos = link.decode(view, pos, count)
+    else:
+        buffers = []
+        for _ in range(count):
+            buffers.append(U64.unpack_from(view, pos)[0])
+            pos += 8
+        buffers_len = sum(buffers)
     main_end = len(view) - buffers_len
+    if main_end < pos:
+        raise ValueError("buffers larger than the frame")
     main = view[pos:main_end]
-    buffers = []
     pos = main_end
-    for size in sizes:
-        buffers.append(view[pos:pos + size])
-        pos += size
+    for i, size in enumerate(buffers):
+        if type(size) is int:  # inline: its bytes follow the pickle
+            buffers[i] = view[pos:pos + size]
+            pos += size
     return pickle.loads(main, buffers=buffers)
+
+
+def _out_of_band_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """``(args, kwargs)`` with large top-level ``bytes`` wrapped to go out of band; None
+    when there are none (most requests)."""
+    big = shared_memory.MIN_BYTES
+    for value in args:
+        if type(value) is bytes and len(value) >= big:
+            break
+    else:
+        if not kwargs or not any(type(v) is bytes and len(v) >= big for v in kwargs.values()):
+            return None
+    return (tuple([out_of_band(v) for v in args]),
+            {k: out_of_band(v) for k, v in kwargs.items()})
 
 
 class _FramedProtocol(asyncio.Protocol):
@@ -118,16 +158,42 @@ class _FramedProtocol(asyncio.Protocol):
     _limits = _SERVER_LIMITS
     _flush_now = False
 
-    def __init__(self) -> None:
+    def __init__(self, channel: socket.socket | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._rbuf = bytearray()
         self._out: list[bytes | memoryview] = []
         self._flush_scheduled = False
         self._closed = False
+        self._channel = channel
+        self._link: ShmLink | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            self._link = ShmLink(channel, self._send_ids, RELEASE, DROP)
+
+    def _send_ids(self, kind: int, payload: bytes) -> None:
+        self._send([_pack_header(len(payload), kind, 0), payload])
+
+    def _shm_frame(self, kind: int, payload: bytearray) -> None:
+        """RELEASE or DROP from the peer."""
+        link = self._link
+        if link is None or len(payload) % 8:
+            raise ValueError(f"unexpected frame kind {kind}")
+        if kind == RELEASE:
+            link.on_release(bytes(payload))
+        else:
+            link.on_drop(bytes(payload))
+
+    def _close_link(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def data_received(self, data: bytes) -> None:
         buf = self._rbuf
@@ -199,8 +265,8 @@ class Connection(_FramedProtocol):
     # go out at once: the replica starts on them while this side writes the answers.
     _flush_now = True
 
-    def __init__(self, address: str) -> None:
-        super().__init__()
+    def __init__(self, address: str, channel: socket.socket | None = None) -> None:
+        super().__init__(channel)
         self.address = address
         self._next_key = 1
         # key -> (future or receiver, on_done, is_stream)
@@ -224,7 +290,10 @@ class Connection(_FramedProtocol):
         key = self._next_key
         self._next_key = key + 1
         try:
-            parts = _encode(kind, key, payload)
+            wrapped = _out_of_band_args(args, kwargs)
+            if wrapped is not None:
+                payload = (payload[0], *wrapped, *payload[3:])
+            parts = _encode(kind, key, payload, self._link)
         except LadleError:
             raise  # already says what is wrong (e.g. a DeploymentResponse nested in a list)
         except Exception as exc:
@@ -253,7 +322,7 @@ class Connection(_FramedProtocol):
 
     def send_input(self, key: int, item: Any) -> None:
         if key in self._pending:
-            self._send(_encode(INPUT, key, item))
+            self._send(_encode(INPUT, key, item, self._link))
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         fut: asyncio.Future[Any] = self._loop.create_future()
@@ -265,12 +334,15 @@ class Connection(_FramedProtocol):
             raise
 
     def _frame(self, kind: int, key: int, payload: bytearray) -> None:
-        oob = bool(kind & OOB)
-        kind &= ~OOB
+        flags = kind & _FLAGS
+        kind &= ~_FLAGS
         if kind == ITEM:
             entry = self._pending.get(key)
             if entry is not None:
-                entry[0].push(_decode(payload, oob))
+                entry[0].push(_decode(payload, flags, self._link))
+            return
+        if kind == RELEASE or kind == DROP:
+            self._shm_frame(kind, payload)
             return
         entry = self._pending.pop(key, None)
         if entry is None:
@@ -279,13 +351,13 @@ class Connection(_FramedProtocol):
         if kind == RESULT:
             if not target.done():
                 try:
-                    target.set_result(_decode(payload, oob))
+                    target.set_result(_decode(payload, flags, self._link))
                 except Exception as exc:
                     target.set_exception(TypeError(f"Could not load the result: {exc!r}"))
         elif kind == END:
             target.end()
         elif kind == ERROR:
-            exc_bytes, tb = _decode(payload, oob)
+            exc_bytes, tb = _decode(payload, flags, self._link)
             error = unpack_exception(exc_bytes, tb)
             if is_stream:
                 target.fail(error)
@@ -296,6 +368,7 @@ class Connection(_FramedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._close_link()
         pending, self._pending = self._pending, {}
         for target, on_done, is_stream in pending.values():
             err = ReplicaDiedError(
@@ -323,7 +396,7 @@ class Connection(_FramedProtocol):
 class _Reply:
     """ReplySink for one request on a server connection."""
 
-    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished", "inbox", "task")
+    __slots__ = ("_conn", "_key", "_credit", "_waiter", "_finished", "inbox", "task", "_sent_one")
 
     def __init__(self, conn: ServerConnection, key: int, credit: int) -> None:
         self._conn = conn
@@ -331,13 +404,15 @@ class _Reply:
         self._credit = credit
         self._waiter: asyncio.Future[None] | None = None
         self._finished = False
+        self._sent_one = False
         self.inbox: Inbox | None = None
         # What start_request returned: cancelled with the request.  Set on the reply,
         # not in the connection's table, which a worker thread may already have left.
         self.task: Any = None
 
     def result(self, value: Any) -> None:
-        parts = _encode(RESULT, self._key, value)  # may raise: the replica reports it
+        # may raise: the replica reports it
+        parts = _encode(RESULT, self._key, out_of_band(value), self._conn._link)
         self._finish(parts)
 
     def error(self, exc: BaseException) -> None:
@@ -345,7 +420,13 @@ class _Reply:
         self._finish(_encode(ERROR, self._key, (data, tb)))
 
     def item(self, value: Any) -> bool:
-        self._conn._send(_encode(ITEM, self._key, value))
+        conn = self._conn
+        conn._send(_encode(ITEM, self._key, out_of_band(value), conn._link))
+        if not self._sent_one:
+            # The first item leaves at once (time to first token); later ones that
+            # come in the same loop pass share a write.
+            self._sent_one = True
+            conn._flush()
         self._credit -= 1
         return self._credit > 0
 
@@ -395,8 +476,10 @@ class _Reply:
 class ServerConnection(_FramedProtocol):
     """Server end of one client connection; hands requests to a RequestServer."""
 
-    def __init__(self, server: RequestServer) -> None:
-        super().__init__()
+    def __init__(self, server: RequestServer, channel: socket.socket | None = None,
+                 prefix: bytes = b"") -> None:
+        super().__init__(channel)
+        self._prefix = prefix  # bytes read before this protocol took the connection
         self._server = server
         self._requests: dict[int, _Reply] = {}
         # Worker threads write answers too (_Reply.finish_from_thread): every write to
@@ -410,6 +493,9 @@ class ServerConnection(_FramedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._fd = os.dup(sock.fileno())
+        prefix, self._prefix = self._prefix, b""
+        if prefix:
+            self.data_received(prefix)
 
     def _flush(self) -> None:
         with self._write_lock:
@@ -441,15 +527,15 @@ class ServerConnection(_FramedProtocol):
                 pass  # the loop is closed, and with it the connection
 
     def _frame(self, kind: int, key: int, payload: bytearray) -> None:
-        oob = bool(kind & OOB)
-        kind &= ~OOB
+        flags = kind & _FLAGS
+        kind &= ~_FLAGS
         if kind == REQUEST:
-            meta, args, kwargs = _decode(payload, oob)
+            meta, args, kwargs = _decode(payload, flags, self._link)
             reply = _Reply(self, key, 0)
             self._requests[key] = reply
             reply.task = self._server.start_request(meta, args, kwargs, reply)
         elif kind == STREAM:
-            meta, args, kwargs, window = _decode(payload, oob)
+            meta, args, kwargs, window = _decode(payload, flags, self._link)
             reply = _Reply(self, key, window)
             self._requests[key] = reply
             reply.task = self._server.start_request(meta, args, kwargs, reply)
@@ -476,12 +562,15 @@ class ServerConnection(_FramedProtocol):
             if target is not None:
                 if target.inbox is None:
                     target.inbox = Inbox()
-                target.inbox.put(_decode(payload, oob))
+                target.inbox.put(_decode(payload, flags, self._link))
+        elif kind == RELEASE or kind == DROP:
+            self._shm_frame(kind, payload)
         else:
             raise ValueError(f"unexpected frame kind {kind}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._close_link()
         with self._write_lock:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -502,8 +591,7 @@ async def open_connection(address: str, *, secret: bytes | None = None,
     scheme, _, rest = address.partition(":")
     loop = asyncio.get_running_loop()
     if scheme == "unix":
-        _, protocol = await loop.create_unix_connection(lambda: Connection(address), rest)
-        return protocol
+        return await _open_unix(loop, address, rest)
     if scheme == "tcp":
         from .tcp_auth import open_tcp_connection
 
@@ -511,10 +599,109 @@ async def open_connection(address: str, *, secret: bytes | None = None,
     raise ValueError(f"unsupported address {address!r} (expected unix:... or tcp:...)")
 
 
-async def serve_socket(sock: Any, server: RequestServer) -> asyncio.AbstractServer:
+async def _open_unix(loop: asyncio.AbstractEventLoop, address: str, path: str) -> Connection:
+    """A Unix connection whose first bytes (HELLO) carry the server its fd channel."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = None
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, path)
+        pair = channel_pair() if shared_memory.AVAILABLE else None
+        if pair is not None:
+            channel, theirs = pair
+            try:
+                socket.send_fds(sock, [HELLO], [theirs.fileno()])
+            except OSError:
+                channel.close()
+                channel = None
+            finally:
+                theirs.close()
+        _, protocol = await loop.create_unix_connection(lambda: Connection(address, channel),
+                                                        sock=sock)
+    except BaseException:
+        sock.close()
+        if channel is not None:
+            channel.close()
+        raise
+    return protocol
+
+
+class UnixServer:
+    """Accepts Unix connections, taking each one's fd channel from its HELLO first.
+
+    A peer that sends no HELLO (any raw client) is served all the same, without
+    shared memory: the bytes read in place of a HELLO go to its protocol first.
+    """
+
+    def __init__(self, sock: socket.socket, server: RequestServer) -> None:
+        self._sock = sock
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._waiting: set[socket.socket] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # out of fds, or the listener closed: the next accept retries
+            conn.setblocking(False)
+            self._waiting.add(conn)
+            self._loop.add_reader(conn.fileno(), self._first_bytes, conn)
+
+    def _first_bytes(self, conn: socket.socket) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, len(HELLO), 1, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        self._loop.remove_reader(conn.fileno())
+        self._waiting.discard(conn)
+        channel = None
+        if data == HELLO and len(fds) == 1:
+            channel, data = socket.socket(fileno=fds[0]), b""
+        else:
+            for fd in fds:
+                os.close(fd)
+            if not data:  # closed before a byte
+                conn.close()
+                return
+        task = self._loop.create_task(self._serve(conn, channel, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, channel: socket.socket | None,
+                     prefix: bytes) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: ServerConnection(self._server, channel, prefix), conn)
+        except OSError:
+            conn.close()
+            if channel is not None:
+                channel.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for conn in self._waiting:
+            self._loop.remove_reader(conn.fileno())
+            conn.close()
+        self._waiting.clear()
+
+
+async def serve_socket(sock: Any, server: RequestServer) -> UnixServer:
     """Serve on a bound Unix socket (its file mode is the authentication)."""
     if sock.family != socket.AF_UNIX:
         raise ValueError("serve_socket takes a Unix socket; TCP listeners need serve_tcp "
                          "and a secret")
-    loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: ServerConnection(server), sock=sock)
+    return UnixServer(sock, server)
