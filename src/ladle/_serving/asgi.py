@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._core.errors import LadleError
+from .._core.serialization import OutOfBand
+from .._core.shared_memory import MIN_BYTES as _OUT_OF_BAND_BYTES
 from .._core.transport import ReplySink
 from .user_code import UserCallable
 
@@ -44,9 +46,11 @@ _MERGE_BYTES = 64 * 1024
 class _Responder:
     """The ASGI ``send`` of a proxied request: forwards messages as stream items.
 
-    The start message waits for the first body so a small response is one item;
-    body chunks sent within one loop iteration are merged into one item (the
-    client gets the same bytes, in fewer HTTP chunks, never later).
+    The start message waits for the first body so a small response is one item,
+    and leaves with it at once (time to first byte); later body chunks sent
+    within one loop iteration are merged into one item (the client gets the same
+    bytes, in fewer HTTP chunks, never later than the end of that iteration).
+    Large bodies travel out of band (shared memory on the local transport).
     """
 
     __slots__ = ("_sink", "started", "_start", "_chunks", "_size", "_flush_handle",
@@ -76,7 +80,9 @@ class _Responder:
             return
         body = message.get("body", b"")
         if message.get("more_body", False):
-            if body:
+            if body and self._start is not None and not self._chunks:
+                self._emit(message)  # the first body: no waiting
+            elif body:
                 self._chunks.append(body)
                 self._size += len(body)
                 if self._size >= _MERGE_BYTES:
@@ -107,6 +113,9 @@ class _Responder:
             self._emit({"type": "http.response.body", "body": body, "more_body": True})
 
     def _emit(self, message: dict[str, Any]) -> None:
+        body = message.get("body")
+        if body is not None and len(body) >= _OUT_OF_BAND_BYTES:
+            message = {**message, "body": OutOfBand(body, as_view=True)}
         item: Any = message
         if self._start is not None:
             item = (self._start, message)

@@ -64,7 +64,7 @@ class HttpExchange:
 
     __slots__ = ("_conn", "_request_id", "_keep_alive", "_debug", "started",
                  "_chunked", "_bodyless", "done", "_consumed", "_held", "_out", "_chunks",
-                 "_flush_handle", "req", "router")
+                 "_flush_handle", "req", "router", "_streaming")
 
     def __init__(self, conn: HttpProtocol, request_id: str, head_only: bool, keep_alive: bool,
                  debug: bool) -> None:
@@ -81,6 +81,7 @@ class HttpExchange:
         self._out: list[bytes] = []
         self._chunks: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._streaming = False
         self.req: RoutedRequest | None = None
         self.router: Router | None = None
 
@@ -185,7 +186,13 @@ class HttpExchange:
         if body and not self._bodyless:
             (self._chunks if self._chunked else self._out).append(body)
         if more:
-            if self._flush_handle is None:
+            if not self._streaming:
+                # The head and the first chunk go to the client at once (time to
+                # first byte); later chunks that arrive together leave together.
+                self._streaming = True
+                self._flush()
+                self._conn.flush()
+            elif self._flush_handle is None:
                 # Chunks that arrive together leave together, at the end of this pass.
                 self._flush_handle = self._conn._loop.call_soon(self._flush)
             return

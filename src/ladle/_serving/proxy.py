@@ -292,9 +292,9 @@ class ProxyApp:
                 if ready:
                     item = _merge_bodies(item, ready)
                     for extra in ready:
-                        await send(item)
+                        await send(_bytes_body(item))
                         item = extra
-                await send(item)
+                await send(_bytes_body(item))
         except RequestCancelledError:
             pass  # the client went away
         except asyncio.CancelledError:
@@ -346,6 +346,13 @@ async def _on_disconnect(receive: Any, gen: Any) -> None:
         if message["type"] == "http.disconnect":
             gen.cancel()
             return
+
+
+def _bytes_body(item: Any) -> Any:
+    """ASGI wants ``bytes`` bodies; large ones arrive as views of shared memory."""
+    if type(item.get("body")) is memoryview:
+        return {**item, "body": bytes(item["body"])}
+    return item
 
 
 def _merge_bodies(item: Any, ready: list[Any]) -> Any:

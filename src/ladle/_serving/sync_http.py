@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._core import context as _context
 from .._core.errors import RequestCancelledError
+from .._core.shared_memory import MIN_BYTES
 from .asgi import body_receiver, finish_sync_http, http_scope, request_class, simple_response
 from .user_code import PLAIN_TYPES
 
@@ -70,7 +71,8 @@ class SyncHttpCall:
             self._to_loop(scope, receive, None, exc)
             return
         simple = simple_response(result) if type(result) in PLAIN_TYPES else None
-        if simple is None:
+        if simple is None or len(simple[1]["body"]) >= MIN_BYTES:
+            # A large body goes from the loop, which lends it in shared memory.
             self._to_loop(scope, receive, result, None)
         elif self._claim():
             self._sink.finish_from_thread(simple)

@@ -421,12 +421,14 @@ class _Reply:
 
     def item(self, value: Any) -> bool:
         conn = self._conn
-        conn._send(_encode(ITEM, self._key, out_of_band(value), conn._link))
-        if not self._sent_one:
-            # The first item leaves at once (time to first token); later ones that
-            # come in the same loop pass share a write.
+        parts = _encode(ITEM, self._key, out_of_band(value), conn._link)
+        if self._sent_one:
+            conn._send(parts)  # with whatever else this loop pass sends
+        else:
+            # The first item leaves at once (time to first token), even while the
+            # producer keeps the loop busy: uvloop would hold it to the pass's end.
             self._sent_one = True
-            conn._flush()
+            conn._send_now(parts)
         self._credit -= 1
         return self._credit > 0
 
@@ -500,6 +502,16 @@ class ServerConnection(_FramedProtocol):
     def _flush(self) -> None:
         with self._write_lock:
             super()._flush()
+
+    def _send_now(self, parts: list[bytes | memoryview]) -> None:
+        """Write ``parts`` to the socket now when nothing is queued before them."""
+        if self._closed:
+            return
+        with self._write_lock:
+            if not self._out:
+                self._write_from_thread(b"".join(parts))
+                return
+        self._send(parts)
 
     def _write_from_thread(self, data: bytes) -> None:
         """Whole frames from a worker thread, under ``_write_lock``: straight to the
