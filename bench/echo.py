@@ -6,7 +6,9 @@ server answers each frame with a frame holding the same payload.  The
 is an ``asyncio.Protocol`` on uvloop that parses frames in ``data_received``
 and answers each read with one batched ``write``; ``uvloop_each`` is the same
 protocol with one ``write`` per reply frame, as an RPC server answering
-requests one by one does.
+requests one by one does.  ``sink`` (the large-payload ceiling) reads an
+8-byte length and that many bytes into one reused, already faulted-in buffer
+(the cheapest a receiver can do) and answers each with one byte.
 Run as a script, this module is the server process: it inherits a listening
 Unix socket (so clients never race its startup), serves one connection, and
 exits when that closes or its deadline passes.
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import cast
 
 HEADER = struct.Struct("!I")
-KINDS = ("blocking", "uvloop", "uvloop_each")
+KINDS = ("blocking", "uvloop", "uvloop_each", "sink")
+SINK_HEADER = struct.Struct("!Q")
 
 
 def frame(payload: bytes) -> bytes:
@@ -76,6 +79,23 @@ def recv_exact(sock: socket.socket, view: memoryview) -> bool:
             raise ConnectionError("peer closed mid-frame")
         got += n
     return True
+
+
+def serve_sink(listener: socket.socket, deadline_s: float) -> None:
+    listener.settimeout(deadline_s)
+    conn, _ = listener.accept()
+    listener.close()
+    conn.setblocking(True)
+    set_recv_timeout(conn, deadline_s)
+    head = bytearray(SINK_HEADER.size)
+    buf = bytearray()
+    with conn:
+        while recv_exact(conn, memoryview(head)):
+            (size,) = SINK_HEADER.unpack(head)
+            if size > len(buf):
+                buf = bytearray(size)  # zero-filled: its pages are faulted in once
+            recv_exact(conn, memoryview(buf)[:size])
+            conn.sendall(b"k")
 
 
 def serve_blocking(listener: socket.socket, deadline_s: float) -> None:
@@ -181,6 +201,8 @@ def main(argv: list[str]) -> None:
     listener = socket.socket(fileno=fd)
     if kind == "blocking":
         serve_blocking(listener, deadline_s)
+    elif kind == "sink":
+        serve_sink(listener, deadline_s)
     else:
         import uvloop
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
-OBJECT_STORE_BYTES = 128 * 1024 * 1024  # small requests never reach the object store; keep /dev/shm use small
+OBJECT_STORE_BYTES = 1024 * 1024 * 1024  # room for the 100 MiB payload scenarios' arguments
 
 
 def bind_ladle_to_ray() -> None:
@@ -86,13 +86,17 @@ def run(name: str, result: Path, tmp_dir: Path, seconds: float, quick: bool) -> 
     try:
         bind_ladle_to_ray()
         import scenarios_handles
-        from harness import Context
+        import scenarios_payloads
+        from harness import REGISTRY, Context
 
         scenarios = {
             "ray_sync_latency": scenarios_handles.handle_sync_latency,
             "ray_async_throughput": scenarios_handles.handle_async_throughput,
             "ray_composition_latency": scenarios_handles.composition_latency,
             "ray_stream_items": scenarios_handles.handle_stream_items,
+            "ray_gather_default_loop": scenarios_payloads.handle_gather_default_loop,
+            **{f"ray_payload_oneway_{size}": REGISTRY[f"payload_oneway_{size}"].fn
+               for size in scenarios_payloads.SIZES},
         }
         http = {"ray_http_64": 64, "ray_http_1": 1}
         if name not in (*scenarios, *http):

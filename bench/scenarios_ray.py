@@ -3,7 +3,8 @@
 Never in the default run: ``python bench/run.py --only 'ray_*'``.  Ray is no
 dependency of ladle and is never imported here: each scenario runs
 ``ray_driver.py`` under Ray's own interpreter (``LADLE_BENCH_RAY_PYTHON``,
-default ``/tmp/rayvenv/bin/python``; without one the rows say "skipped").
+default ``/work/venvs/ray/bin/python`` or ``/tmp/rayvenv/bin/python``; without
+one the rows say "skipped").
 The driver runs the ladle scenario function itself with ``ladle.serve`` bound
 to ``ray.serve``, so the app and timing code are the same.  It leads a new
 session; at its end anything left of that session, or naming its private Ray
@@ -34,7 +35,9 @@ from scenarios_http import WRK_MISSING
 
 BENCH_DIR = Path(__file__).resolve().parent
 DRIVER = BENCH_DIR / "ray_driver.py"
-DEFAULT_RAY_PYTHON = "/tmp/rayvenv/bin/python"
+# Where Ray's interpreter is looked for when LADLE_BENCH_RAY_PYTHON is unset: the first that exists.
+DEFAULT_RAY_PYTHONS = ("/work/venvs/ray/bin/python", "/tmp/rayvenv/bin/python")
+DEFAULT_RAY_PYTHON = next((p for p in DEFAULT_RAY_PYTHONS if os.access(p, os.X_OK)), DEFAULT_RAY_PYTHONS[-1])
 SHUTDOWN_S = 60.0  # for serve.shutdown + ray.shutdown, on top of the measurement
 SETTLE_S = 5.0  # for Ray's processes to exit by themselves once the driver has
 
@@ -53,7 +56,7 @@ def ray_python() -> str:
     if not os.access(exe, os.X_OK):
         if configured:
             raise RuntimeError(f"LADLE_BENCH_RAY_PYTHON={configured} is not an executable")
-        raise Skip(f"no Ray venv ({DEFAULT_RAY_PYTHON} is absent): set LADLE_BENCH_RAY_PYTHON "
+        raise Skip(f"no Ray venv ({' or '.join(DEFAULT_RAY_PYTHONS)}): set LADLE_BENCH_RAY_PYTHON "
                    "to a Python with ray[serve] 2.x")
     probe = subprocess.run([exe, "-c", "import ray, ray.serve; print(ray.__version__)"], capture_output=True,
                            text=True, timeout=120, env=ray_env(), stdin=subprocess.DEVNULL)
@@ -281,3 +284,22 @@ def ray_http_1(ctx: Context) -> dict[str, float]:
     if shutil.which("wrk") is None:
         raise Skip(WRK_MISSING)
     return run_on_ray(ctx, "ray_http_1")
+
+
+@scenario("ray_gather_default_loop", "msg/s", baseline="handle_gather_default_loop", better="higher",
+          timeout_s=_TIMEOUT_S, default=False, versus=True)
+def ray_gather_default_loop(ctx: Context) -> dict[str, float]:
+    """``handle_gather_default_loop`` on Ray Serve: ``gather`` of 5,000 calls, standard loop."""
+    return run_on_ray(ctx, "ray_gather_default_loop")
+
+
+def _register_payload(size: str) -> None:
+    @scenario(f"ray_payload_oneway_{size}", "ms", baseline=f"payload_oneway_{size}", better="lower",
+              timeout_s=_TIMEOUT_S, default=False, versus=True)
+    def oneway(ctx: Context) -> dict[str, float]:
+        """``payload_oneway_*`` on Ray Serve: a NumPy array one way, an int back."""
+        return run_on_ray(ctx, f"ray_payload_oneway_{size}")
+
+
+for _size in ("1mib", "10mib", "100mib"):
+    _register_payload(_size)

@@ -160,7 +160,10 @@ def test_cancelled_ingress_cancels_the_downstream_calls(http_url: str, tmp_path:
 
     # The asyncio task awaiting a streaming ingress call cancelled.
     async def cancel_task() -> None:
-        task = asyncio.ensure_future(handle.stream.remote("task"))
+        async def call() -> None:
+            await handle.stream.remote("task")
+
+        task = asyncio.ensure_future(call())
         await asyncio.to_thread(wait_for, lambda: "start:leaf:task" in events(log),
                                 message="the stream to start")
         task.cancel()

@@ -224,14 +224,15 @@ class _ResponseBase:
         self._cancelled = False
         self._resolver: asyncio.Task[None] | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, msg: Any = None) -> bool:
         """Cancel the call: dropped if not yet assigned, else cancelled on the replica.
 
         The replica cancels every downstream call the request made.  Later
-        access to the result raises ``RequestCancelledError``.
+        access to the result raises ``RequestCancelledError``.  (``msg`` and the
+        return value, whether this call cancelled it, are asyncio's.)
         """
         if self._cancelled:
-            return
+            return False
         self._cancelled = True
         if _get_running_loop() is self._loop:
             self._cancel_on_loop()
@@ -240,11 +241,17 @@ class _ResponseBase:
                 self._loop.call_soon_threadsafe(self._cancel_on_loop)
             except RuntimeError:
                 pass
+        return True
 
     def _cancel_on_loop(self) -> None:
         resolver = self._resolver
         if resolver is not None and not resolver.done():
             resolver.cancel()
+        target = self._req.target
+        if not self._threaded and isinstance(target, asyncio.Future):
+            # Ends cancelled, as asyncio expects of a future it was told to cancel
+            # (gather); awaiting it or .result() raise RequestCancelledError.
+            target.cancel()
         self._router.cancel(self._req)
 
     def cancelled(self) -> bool:
@@ -270,9 +277,42 @@ class DeploymentResponse(_ResponseBase):
 
     It can be passed straight to another ``.remote()`` call; the value is
     resolved before the downstream method runs.
+
+    On the event loop that made it, it is also a future to asyncio (``gather``,
+    ``wait``, ``shield`` use it as is, without a task per response): done
+    callbacks get the underlying future.
     """
 
     __slots__ = ()
+
+    # asyncio.isfuture() reads this: not None means "a future of the running loop".
+    @property
+    def _asyncio_future_blocking(self) -> bool | None:
+        if self._threaded or _get_running_loop() is not self._loop:
+            return None  # awaited from elsewhere: asyncio wraps __await__ in a task
+        return False
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        self._req.target.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Any) -> int:
+        removed: int = self._req.target.remove_done_callback(fn)
+        return removed
+
+    def done(self) -> bool:
+        return self._is_done()
+
+    def exception(self) -> BaseException | None:
+        fut = self._req.target
+        if self._threaded:
+            return fut.exception(0)  # type: ignore[no-any-return]
+        return fut.exception()  # type: ignore[no-any-return]
+
+    def _make_cancelled_error(self) -> asyncio.CancelledError:
+        return asyncio.CancelledError()
 
     def __await__(self) -> Any:
         fut = self._req.target
@@ -298,11 +338,17 @@ class DeploymentResponse(_ResponseBase):
 
         Raises ``TimeoutError`` past ``timeout_s``.
         """
+        fut = self._req.target
+        if not self._threaded and fut.done():
+            # At once, even inside the loop: asyncio (gather, wait_for) reads a finished
+            # future so, and expects CancelledError from a cancelled one.
+            if fut.cancelled() and _get_running_loop() is None:
+                raise RequestCancelledError("The request was cancelled.")
+            return fut.result()
         if not _skip_asyncio_check and _get_running_loop() is not None:
             raise RuntimeError(
                 "Sync methods should not be called from within an `asyncio` event loop. "
                 "Use `await response` instead.")
-        fut = self._req.target
         if not self._threaded:
             fut = _bridge_future(fut, self._loop, threaded=True)
         try:
