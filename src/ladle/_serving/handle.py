@@ -16,6 +16,7 @@ from typing import Any
 from .._core.context import current_request, new_request_id
 from .._core.errors import LadleError, RequestCancelledError
 from .._core.loop import background_loop
+from .._core.serialization import snapshot_arguments
 from .._core.types import DeploymentID
 from .router import DONE, QUEUED, Request, Router, router_for
 from .streams import STREAM_WINDOW, StreamBuffer
@@ -143,9 +144,14 @@ class DeploymentHandle:
             response = DeploymentResponse(req, router, loop, threaded)
         needs_resolving = _check_arguments(args, kwargs)
         if threaded:
+            # Sent later, from the background loop: what the replica gets is the
+            # arguments as they are now (copy-on-send).
+            req.args, req.kwargs = snapshot_arguments(args, kwargs, _ResponseBase)
             loop.call_soon_threadsafe(_start, router, req, response, needs_resolving)
         else:
             _start(router, req, response, needs_resolving)
+            if req.state == QUEUED and (args or kwargs):  # waiting for a replica or a value
+                req.args, req.kwargs = snapshot_arguments(req.args, req.kwargs, _ResponseBase)
         if ctx is not None and ctx.track_children:
             children = ctx.children
             if children is None:

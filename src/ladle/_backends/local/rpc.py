@@ -457,6 +457,9 @@ class _Reply:
         if self._finished:
             return
         self._finished = True
+        # Not needed any more; kept, it would tie a cancelled task's traceback (and
+        # the arguments in its frames, maybe shared memory) into a cycle.
+        self.task = None
         conn = self._conn
         conn._send(parts)
         conn._requests.pop(self._key, None)
