@@ -193,7 +193,7 @@ def _current_address() -> str:
 
 
 async def _call(address: str, method: str) -> Any:
-    from ._backends.local.rpc import open_connection
+    from ._backends.local.sockets import open_connection
     from .exceptions import ReplicaDiedError
 
     try:

@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from starlette.requests import Request
@@ -263,3 +264,33 @@ def test_async_sync_and_function_deployments(http_url: str) -> None:
         assert client.post("/ac", content=b"payload").json() == {"async-class": "payload"}
         assert client.get("/sf/x").text == "sync-function /sf/x"
         assert client.post("/af", content=b"data").content == b"async-function data"
+
+
+@serve.deployment
+class BusyStream:
+    """A StreamingResponse whose generator keeps the loop busy after its first chunk."""
+
+    def __call__(self, request: Any) -> Any:
+        from starlette.responses import StreamingResponse
+
+        go = request.query_params["go"]
+
+        async def chunks() -> Any:
+            yield b"first;"
+            deadline = time.monotonic() + 30
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                pass  # never gives the loop a turn
+            yield b"second"
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+
+def test_the_first_streamed_chunk_reaches_the_client_at_once(http_url: str, tmp_path: Any) -> None:
+    serve.run(BusyStream.bind(), route_prefix="/busy")
+    go = tmp_path / "go"
+    with httpx.Client(timeout=15) as client:
+        with client.stream("GET", f"{http_url}/busy", params={"go": str(go)}) as response:
+            chunks = response.iter_raw()
+            assert next(chunks) == b"first;"  # before "go" exists: nothing else could come
+            go.touch()
+            assert b"".join(chunks) == b"second"

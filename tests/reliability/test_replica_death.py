@@ -22,7 +22,7 @@ from starlette.requests import Request
 
 from ladle import serve
 from ladle._api import lifecycle
-from ladle._backends.local.rpc import open_connection
+from ladle._backends.local.sockets import open_connection
 from tests.conftest import gone, lines, replica_pids, wait_for
 from tests.reliability.load import Load, handle_caller, http_caller
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ladle._backends.local import rpc, tcp_auth
+from ladle._backends.local import rpc, sockets, tcp_auth
 
 BOUND_S = 10.0
 
@@ -103,7 +103,7 @@ async def handshake_bytes(reader: asyncio.StreamReader, secret: bytes) -> bytes:
 
 
 async def test_authenticated_client_is_served(listener: SimpleNamespace) -> None:
-    conns = [await rpc.open_connection(listener.address, secret=listener.secret)
+    conns = [await sockets.open_connection(listener.address, secret=listener.secret)
              for _ in range(2)]
     big = os.urandom(3 * 1024 * 1024)
     answers = await asyncio.gather(conns[0].call("m", 1, 2), conns[1].call("big", big),
@@ -171,7 +171,7 @@ async def test_unauthenticated_peers_are_dropped_unread(
         # At most the server's nonce: no proof of the server's own, no answer.
         assert len(received) <= tcp_auth.NONCE_BYTES, (send.__name__, received)
     with pytest.raises(tcp_auth.AuthenticationError):
-        await rpc.open_connection(listener.address, secret=wrong)
+        await sockets.open_connection(listener.address, secret=wrong)
 
     assert loads_calls == []
     assert listener.recorder.calls == []
@@ -189,7 +189,7 @@ async def test_unauthenticated_peers_are_dropped_unread(
     assert marker.exists()
 
     # And the listener still serves an authenticated client.
-    conn = await rpc.open_connection(listener.address, secret=listener.secret)
+    conn = await sockets.open_connection(listener.address, secret=listener.secret)
     assert await conn.call("after", 1) == ("echo", (1,))
     await conn.aclose()
 
@@ -224,7 +224,7 @@ async def test_client_refuses_a_server_without_the_secret(
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(tcp_auth.AuthenticationError):
-            await rpc.open_connection(f"tcp:127.0.0.1:{port}", secret=tcp_auth.new_secret(),
+            await sockets.open_connection(f"tcp:127.0.0.1:{port}", secret=tcp_auth.new_secret(),
                                       handshake_timeout_s=0.5)
         async with asyncio.timeout(BOUND_S):
             await done.wait()
@@ -239,9 +239,9 @@ async def test_tcp_needs_a_secret() -> None:
     with pytest.raises(ValueError):
         await tcp_auth.serve_tcp("127.0.0.1", 0, server, b"short")
     with pytest.raises(ValueError):
-        await rpc.open_connection("tcp:127.0.0.1:1")  # no secret
+        await sockets.open_connection("tcp:127.0.0.1:1")  # no secret
     with socket.socket() as sock:  # a bare TCP socket can't be served unauthenticated
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         with pytest.raises(ValueError):
-            await rpc.serve_socket(sock, server)
+            await sockets.serve_socket(sock, server)

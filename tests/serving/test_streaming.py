@@ -303,3 +303,27 @@ def test_stream_misuse_raises_type_error() -> None:
             handle.options(method_name=method).remote(3).result(timeout_s=10)
     # The replica is fine afterwards.
     assert handle.unary.remote().result(timeout_s=10) == 1
+
+
+@serve.deployment
+class BusyStreamer:
+    """Yields its first item, then keeps the replica's loop busy (no await) until told."""
+
+    async def busy(self, go: str) -> AsyncIterator[str]:
+        yield "first"
+        deadline = time.monotonic() + 30
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            pass  # never gives the loop a turn
+        yield "second"
+
+
+def test_the_first_item_leaves_while_the_producer_keeps_the_loop_busy(tmp_path: Path) -> None:
+    # Held to the end of the loop pass, "first" would wait for "go", which the test only
+    # creates after it has "first": a hang instead of a pass.
+    handle = serve.run(BusyStreamer.bind()).options(stream=True, method_name="busy")
+    go = tmp_path / "go"
+    gen = handle.remote(str(go))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(next, gen).result(timeout=15) == "first"
+    go.touch()
+    assert list(gen) == ["second"]

@@ -39,7 +39,7 @@ def _view(buffer: Any) -> memoryview:
 
 def _rebuild_view(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
     view = memoryview(buffer).cast("B")
-    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)
+    return view if fmt == "B" and len(shape) == 1 else view.cast(fmt, shape)  # type: ignore[call-overload]
 
 
 class OutOfBand:
@@ -146,9 +146,7 @@ def _reduce_tensor(tensor: Any) -> Any:
         array = tensor.numpy()
     except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16, ...)
         return None
-    import torch
-
-    return (torch.from_numpy, (array,))
+    return (sys.modules["torch"].from_numpy, (array,))
 
 
 def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
@@ -208,7 +206,7 @@ class _PlainPickler(pickle.Pickler):
         return reduced
 
 
-class _FullPickler(cloudpickle.Pickler):
+class _FullPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, with ladle's reductions first."""
 
     def reducer_override(self, obj: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..._core.serialization import dumps
 from ..._core.transport import RequestServer, Servable, register_connector
-from .rpc import open_connection, serve_socket
+from .sockets import open_connection, serve_socket
 
 _LEN = struct.Struct("<Q")
 

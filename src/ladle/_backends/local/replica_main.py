@@ -42,7 +42,7 @@ def main() -> None:
         os.chdir(cwd)
     from ..._core.loop import new_event_loop
     from . import backend as _backend  # noqa: F401  (registers the unix connector)
-    from .rpc import serve_socket
+    from .sockets import serve_socket
 
     target = pickle.loads(target_bytes)
     loop = new_event_loop()

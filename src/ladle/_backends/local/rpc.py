@@ -19,7 +19,8 @@ leaves at once.  Nothing here knows what a replica or a controller is: a
 ``RequestServer`` answers.
 
 On a Unix socket the file's mode (0600, in a 0700 directory) is the
-authentication; TCP peers authenticate first (``tcp_auth.py``).
+authentication; TCP peers authenticate first (``tcp_auth.py``).  Opening and
+serving sockets is ``sockets.py``'s.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ..._core import shared_memory
 from ..._core.serialization import describe_unpicklable, dumps_oob, out_of_band
 from ..._core.shared_memory import SegmentMap
 from ..._core.transport import DoneCallback, RequestServer, StreamReceiver
-from .shm_link import HELLO, ShmLink, channel_pair
+from .shm_link import ShmLink
 
 HEADER = struct.Struct("<IBQ")
 HEADER_SIZE = HEADER.size
@@ -74,15 +75,24 @@ def _limits(most: dict[int, int]) -> tuple[int, ...]:
 _IDS_BYTES = 8 << 16  # RELEASE/DROP: segment ids, 8 bytes each
 
 
-def _data_limits(*kinds: int) -> dict[int, int]:
-    return {kind | flags: MAX_FRAME_BYTES for kind in kinds for flags in (0, OOB, OOB | SHM)}
+def _data_limits(*kinds: int, shm: bool) -> dict[int, int]:
+    flags = (0, OOB, OOB | SHM) if shm else (0, OOB)
+    return {kind | f: MAX_FRAME_BYTES for kind in kinds for f in flags}
 
 
-_SERVER_LIMITS = _limits({
-    **_data_limits(REQUEST, STREAM, INPUT), CANCEL: 0, CREDIT: 4,
-    RELEASE: _IDS_BYTES, DROP: _IDS_BYTES})
-_CLIENT_LIMITS = _limits({
-    **_data_limits(RESULT, ERROR, ITEM), END: 0, RELEASE: _IDS_BYTES, DROP: _IDS_BYTES})
+def _server_limits(shm: bool) -> tuple[int, ...]:
+    ids = {RELEASE: _IDS_BYTES, DROP: _IDS_BYTES} if shm else {}
+    return _limits({**_data_limits(REQUEST, STREAM, INPUT, shm=shm), CANCEL: 0, CREDIT: 4, **ids})
+
+
+def _client_limits(shm: bool) -> tuple[int, ...]:
+    ids = {RELEASE: _IDS_BYTES, DROP: _IDS_BYTES} if shm else {}
+    return _limits({**_data_limits(RESULT, ERROR, ITEM, shm=shm), END: 0, **ids})
+
+
+# Without an fd channel, shared-memory kinds are garbage like any unknown kind.
+_SERVER_LIMITS, _SERVER_SHM_LIMITS = _server_limits(False), _server_limits(True)
+_CLIENT_LIMITS, _CLIENT_SHM_LIMITS = _client_limits(False), _client_limits(True)
 
 # Parts (about two per frame) written at once at the latest; fewer wait for the end
 # of the loop iteration, to share one system call.
@@ -96,7 +106,7 @@ def _encode(kind: int, key: int, obj: Any, link: ShmLink | None = None) -> list[
     data, buffers = dumps_oob(obj)
     if not buffers:
         return [_pack_header(len(data), kind, key), data]
-    raws = [b.raw() for b in buffers]
+    raws: list[Any] = [b.raw() for b in buffers]
     if link is not None and not link.closed:
         table, inline = link.encode(raws)
         head = U32.pack(len(raws)) + table
@@ -156,6 +166,7 @@ class _FramedProtocol(asyncio.Protocol):
     """Frame parsing and coalesced writes, shared by both ends."""
 
     _limits = _SERVER_LIMITS
+    _shm_limits = _SERVER_SHM_LIMITS
     _flush_now = False
 
     def __init__(self, channel: socket.socket | None = None) -> None:
@@ -173,6 +184,7 @@ class _FramedProtocol(asyncio.Protocol):
         channel, self._channel = self._channel, None
         if channel is not None:
             self._link = ShmLink(channel, self._send_ids, RELEASE, DROP)
+            self._limits = self._shm_limits
 
     def _send_ids(self, kind: int, payload: bytes) -> None:
         self._send([_pack_header(len(payload), kind, 0), payload])
@@ -261,6 +273,7 @@ class Connection(_FramedProtocol):
     """Client end: one per (process, loop, peer); implements ``Remote``."""
 
     _limits = _CLIENT_LIMITS
+    _shm_limits = _CLIENT_SHM_LIMITS
     # Requests sent while answers were read (a router filling the slots they freed)
     # go out at once: the replica starts on them while this side writes the answers.
     _flush_now = True
@@ -597,126 +610,3 @@ class ServerConnection(_FramedProtocol):
                 reply.task.cancel()
             if reply._waiter is not None and not reply._waiter.done():
                 reply._waiter.set_result(None)
-
-
-async def open_connection(address: str, *, secret: bytes | None = None,
-                          handshake_timeout_s: float = 5.0) -> Connection:
-    """Connect to ``unix:/path``, or to ``tcp:host:port`` with the instance's ``secret``
-    (after a mutual proof of it); the Connection is bound to the running loop."""
-    scheme, _, rest = address.partition(":")
-    loop = asyncio.get_running_loop()
-    if scheme == "unix":
-        return await _open_unix(loop, address, rest)
-    if scheme == "tcp":
-        from .tcp_auth import open_tcp_connection
-
-        return await open_tcp_connection(address, rest, secret, handshake_timeout_s)
-    raise ValueError(f"unsupported address {address!r} (expected unix:... or tcp:...)")
-
-
-async def _open_unix(loop: asyncio.AbstractEventLoop, address: str, path: str) -> Connection:
-    """A Unix connection whose first bytes (HELLO) carry the server its fd channel."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    channel = None
-    try:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, path)
-        pair = channel_pair() if shared_memory.AVAILABLE else None
-        if pair is not None:
-            channel, theirs = pair
-            try:
-                socket.send_fds(sock, [HELLO], [theirs.fileno()])
-            except OSError:
-                channel.close()
-                channel = None
-            finally:
-                theirs.close()
-        _, protocol = await loop.create_unix_connection(lambda: Connection(address, channel),
-                                                        sock=sock)
-    except BaseException:
-        sock.close()
-        if channel is not None:
-            channel.close()
-        raise
-    return protocol
-
-
-class UnixServer:
-    """Accepts Unix connections, taking each one's fd channel from its HELLO first.
-
-    A peer that sends no HELLO (any raw client) is served all the same, without
-    shared memory: the bytes read in place of a HELLO go to its protocol first.
-    """
-
-    def __init__(self, sock: socket.socket, server: RequestServer) -> None:
-        self._sock = sock
-        self._server = server
-        self._loop = asyncio.get_running_loop()
-        self._waiting: set[socket.socket] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # out of fds, or the listener closed: the next accept retries
-            conn.setblocking(False)
-            self._waiting.add(conn)
-            self._loop.add_reader(conn.fileno(), self._first_bytes, conn)
-
-    def _first_bytes(self, conn: socket.socket) -> None:
-        try:
-            data, fds, _, _ = socket.recv_fds(conn, len(HELLO), 1, socket.MSG_CMSG_CLOEXEC)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data, fds = b"", []
-        self._loop.remove_reader(conn.fileno())
-        self._waiting.discard(conn)
-        channel = None
-        if data == HELLO and len(fds) == 1:
-            channel, data = socket.socket(fileno=fds[0]), b""
-        else:
-            for fd in fds:
-                os.close(fd)
-            if not data:  # closed before a byte
-                conn.close()
-                return
-        task = self._loop.create_task(self._serve(conn, channel, data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, conn: socket.socket, channel: socket.socket | None,
-                     prefix: bytes) -> None:
-        try:
-            await self._loop.connect_accepted_socket(
-                lambda: ServerConnection(self._server, channel, prefix), conn)
-        except OSError:
-            conn.close()
-            if channel is not None:
-                channel.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        for conn in self._waiting:
-            self._loop.remove_reader(conn.fileno())
-            conn.close()
-        self._waiting.clear()
-
-
-async def serve_socket(sock: Any, server: RequestServer) -> UnixServer:
-    """Serve on a bound Unix socket (its file mode is the authentication)."""
-    if sock.family != socket.AF_UNIX:
-        raise ValueError("serve_socket takes a Unix socket; TCP listeners need serve_tcp "
-                         "and a secret")
-    return UnixServer(sock, server)
