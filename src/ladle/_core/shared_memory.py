@@ -26,7 +26,7 @@ AVAILABLE = hasattr(os, "memfd_create")
 MIN_BYTES = 256 * 1024
 _SMALLEST_CLASS = MIN_BYTES
 # Free segments kept for reuse: per size class, and in all.
-_FREE_PER_CLASS = 2
+_FREE_PER_CLASS = 4
 _FREE_BYTES = 512 * 1024 * 1024
 
 

@@ -116,6 +116,11 @@ class DeploymentHandle:
         Example:
             ``await handle.remote(1)`` in a loop, ``handle.remote(1).result()`` outside,
             ``handle2.remote(handle1.remote(1))`` to compose without waiting.
+
+        The replica gets the arguments as they were when ``remote`` returned:
+        changing an array or a bytearray afterwards does not change what it
+        receives (large buffers are copied once, into shared memory the replica
+        maps).  What a replica receives is its own to change.
         """
         opts = self.handle_options
         running = _get_running_loop()
