@@ -9,6 +9,9 @@ in shared memory or write them without another copy.  ``snapshot`` pickles a
 value at once, for a request that leaves later (copy-on-send).  Loading is
 plain ``pickle.loads`` — only ever on bytes from another ladle process, never
 on bytes from an HTTP client.
+
+Everything ladle pickles with cloudpickle goes through ``CodePickler``, which
+keeps each code object's file name (see ``_reduce_code``).
 """
 
 from __future__ import annotations
@@ -206,8 +209,8 @@ class _PlainPickler(pickle.Pickler):
         return reduced
 
 
-class _FullPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with ladle's reductions first."""
+class _FullPickler(CodePickler):
+    """``CodePickler``, with ladle's reductions first."""
 
     def reducer_override(self, obj: Any) -> Any:
         reduced = _reduce_special(obj)
