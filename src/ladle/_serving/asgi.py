@@ -126,8 +126,14 @@ class _Responder:
     def send_whole(self, start: dict[str, Any], body: dict[str, Any]) -> None:
         """A complete response (start and its only body) as one item, without awaiting."""
         self.started = True
-        self._start = start
-        self._emit(body)
+        last_item = getattr(self._sink, "last_item", None)
+        if last_item is None or len(body.get("body", b"")) >= _OUT_OF_BAND_BYTES:
+            self._start = start
+            self._emit(body)
+        else:
+            # Item and end together, batched with the pass's other answers; the
+            # sink's end() that follows is a no-op.
+            last_item((start, body))
 
     async def flush(self) -> None:
         """Send what is still held back (the start of an empty or cut-off response)."""

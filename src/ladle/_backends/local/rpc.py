@@ -445,6 +445,13 @@ class _Reply:
         self._credit -= 1
         return self._credit > 0
 
+    def last_item(self, value: Any) -> None:
+        """``item(value)`` then ``end()``: a whole answer, sent with whatever else this
+        loop pass sends (not at once, as a stream's first item is)."""
+        parts = _encode(ITEM, self._key, out_of_band(value), self._conn._link)
+        parts.append(_pack_header(0, END, self._key))
+        self._finish(parts)
+
     async def wait_credit(self) -> None:
         while self._credit <= 0 and not self._conn._closed:
             self._waiter = self._conn._loop.create_future()
