@@ -38,6 +38,7 @@ class ControlServer:
     async def _unary(self, method: str, args: tuple[Any, ...], sink: ReplySink) -> None:
         c = self._controller
         try:
+            await c.wait_open()
             if method == "ingress":
                 sink.result(c.ingress(*args))
             elif method == "has_deployment":
@@ -68,6 +69,7 @@ class ControlServer:
         """Stream every new value of ``key``; only the latest matters, so coalesce."""
         latest: list[Any] = []
         changed = asyncio.Event()
+        await self._controller.wait_open()
 
         def on_value(value: Any) -> None:
             latest[:] = [value]

@@ -71,15 +71,25 @@ class Controller:
         self.address = ""
         self._apps: dict[str, _App] = {}
         self._closed = False
+        self._shut_down = asyncio.Event()
+        self._open = asyncio.Event()
         self._proxy_config: ProxyConfig | None = None
         self._proxy: Remote | None = None
         self.http_port: int | None = None
         self._proxy_tasks: set[asyncio.Task[None]] = set()
         self._routes_version = 0
 
-    async def start(self) -> None:
+    async def start(self, *, restoring: bool = False) -> None:
+        """Open the control socket.  ``restoring``: answer nothing on it until ``restore``
+        has run (callers wait), so no process ever sees a half-restored instance."""
+        self._open = asyncio.Event()
+        if not restoring:
+            self._open.set()
         self.address = await self.backend.listen(ControlServer(self), name="controller")
         self._publish_routes()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
 
     # -------------------------------------------------------------- applications
 
@@ -136,11 +146,9 @@ class Controller:
         self._publish_routes()
         self._changed()
 
-    async def apply_config(self, apps: dict[str, tuple[AppTarget, dict[str, Any]]]) -> None:
-        """Deploy a whole config: its applications (built and checked by the caller) are
-        created or updated; applications a previous config deployed that this one lacks
-        are deleted (those from ``serve.run`` stay).  Nothing changes if a route prefix
-        clashes with an application that stays.  Returns once every one is ready."""
+    def check_config(self, apps: dict[str, tuple[AppTarget, dict[str, Any]]]) -> list[str]:
+        """Raise if deploying ``apps`` as a whole config can't work (a route prefix taken by
+        an application that stays); return the applications it would delete."""
         if self._closed:
             raise LadleError("This ladle instance is shutting down.")
         removed = [name for name, app in self._apps.items()
@@ -151,10 +159,20 @@ class Controller:
             for other in self._apps.values():
                 if (other.target.name not in apps and other.target.name not in removed
                         and other.target.route_prefix == target.route_prefix):
-                    raise LadleError(
+                    error = LadleError(
                         f"Prefix {target.route_prefix} is being used by application "
                         f"'{other.target.name}'. Failed to deploy application "
                         f"'{target.name}'.")
+                    error.app_name = target.name  # type: ignore[attr-defined]
+                    raise error
+        return removed
+
+    async def apply_config(self, apps: dict[str, tuple[AppTarget, dict[str, Any]]]) -> None:
+        """Deploy a whole config: its applications (built and checked by the caller) are
+        created or updated; applications a previous config deployed that this one lacks
+        are deleted (those from ``serve.run`` stay).  Nothing changes if a route prefix
+        clashes with an application that stays.  Returns once every one is ready."""
+        removed = self.check_config(apps)
         await asyncio.gather(*(self.delete(name) for name in removed))
         results = await asyncio.gather(
             *(self.deploy(target, source=DECLARATIVE, config=config)
@@ -205,6 +223,11 @@ class Controller:
         await asyncio.gather(self._stop_proxy(drain_s),
                              *(self.delete(name) for name in list(self._apps)))
         await self.backend.aclose()
+        self._shut_down.set()
+
+    async def wait_closed(self) -> None:
+        """Return once ``shutdown`` (called from anywhere) has finished."""
+        await self._shut_down.wait()
 
     # ------------------------------------------------------------------- proxy
 
@@ -309,6 +332,7 @@ class Controller:
                     "replica_states": state.replica_states(),
                     "target_num_replicas": state.target_num,
                     "replicas": state.replica_details(),
+                    "deployment_config": _deployment_config(state.target),
                 }
                 unhealthy = unhealthy or state.status == "UNHEALTHY"
             status = app.status
@@ -317,7 +341,8 @@ class Controller:
             apps[name] = {"status": status, "message": app.message,
                           "route_prefix": app.target.route_prefix,
                           "ingress": app.target.ingress, "deployments": deployments,
-                          "last_deployed_time_s": app.deployed_at, "source": app.source}
+                          "last_deployed_time_s": app.deployed_at, "source": app.source,
+                          "config": app.config}
         proxies = {"local": "HEALTHY" if self._proxy is not None else "UNHEALTHY"} \
             if self._proxy_config is not None else {}
         return {"applications": apps, "pids": self.backend.pids(), "proxies": proxies,
@@ -422,6 +447,7 @@ class Controller:
                 self._spawn_task(self._settle(app, [s.wait_ready()
                                                     for s in app.deployments.values()]))
         self._publish_routes()
+        self._open.set()
 
     async def _stop_orphan(self, name: str) -> None:
         if await self.backend.adopt(name, on_exit=lambda _: None) is not None:
@@ -444,3 +470,29 @@ class Controller:
         task = asyncio.get_running_loop().create_task(coro)
         self._proxy_tasks.add(task)
         task.add_done_callback(self._proxy_tasks.discard)
+
+
+def _deployment_config(target: DeploymentTarget) -> dict[str, Any]:
+    """The options in effect, as a config file would write them (Ray's DeploymentSchema)."""
+    config: dict[str, Any] = {
+        "name": target.deployment_id.name,
+        "max_ongoing_requests": target.max_ongoing_requests,
+        "max_queued_requests": target.max_queued_requests,
+        "user_config": target.user_config,
+        "graceful_shutdown_wait_loop_s": target.graceful_shutdown_wait_loop_s,
+        "graceful_shutdown_timeout_s": target.graceful_shutdown_timeout_s,
+        "health_check_period_s": target.health_check_period_s,
+        "health_check_timeout_s": target.health_check_timeout_s,
+    }
+    policy = target.autoscaling
+    if policy is None:
+        config["num_replicas"] = target.num_replicas
+    else:
+        config["autoscaling_config"] = {
+            "min_replicas": policy.min_replicas, "max_replicas": policy.max_replicas,
+            "initial_replicas": policy.initial_replicas,
+            "target_ongoing_requests": policy.target_ongoing_requests,
+            "upscale_delay_s": policy.upscale_delay_s,
+            "downscale_delay_s": policy.downscale_delay_s,
+            "metrics_interval_s": policy.metrics_interval_s}
+    return config

@@ -409,8 +409,10 @@ class DeploymentState:
                 for r in self.replicas.values() if r.state != STOPPING]
 
     def replica_details(self) -> list[dict[str, Any]]:
+        current = self.target.code_version
         return [{"replica_id": r.replica_id, "state": r.state, "pid": r.pid,
-                 "start_time_s": r.started_at} for r in self.replicas.values()]
+                 "start_time_s": r.started_at, "current": r.code_version == current}
+                for r in self.replicas.values()]
 
     def replica_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}
