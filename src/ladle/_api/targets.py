@@ -4,9 +4,10 @@
 ``DeploymentTarget`` (its code and constructor arguments serialized, its
 options resolved), and a bound child passed to ``.bind()`` becomes a
 ``DeploymentHandle`` to it.  A target's ``code_version`` changes when its
-code does: for a class imported from a module (pickled by reference), the
-module file's contents count, so editing it and deploying again rolls the
-replicas; a changed ``user_config`` or replica count does not.
+code does: for code from a module file, the file's contents count, so
+editing it and deploying again (a config, ``--reload``) rolls the replicas,
+and building it again unchanged in another process does not; a changed
+``user_config`` or replica count never does.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def build_app_target(app: Application, name: str, route_prefix: str | None,
                 downscaling_factor=autoscaling.get_downscaling_factor(),
                 metrics_interval_s=autoscaling.metrics_interval_s)
         version = config.version or hashlib.sha256(
-            code + init + repr((config.max_ongoing_requests,)).encode()
-            + _source_digest(dep.func_or_class)).hexdigest()[:16]
+            _code_identity(dep.func_or_class, code) + init
+            + repr((config.max_ongoing_requests,)).encode()).hexdigest()[:16]
         return DeploymentTarget(
             deployment_id=DeploymentID(dname, name), serialized_callable=code,
             serialized_init=init, is_function=dep.is_function, code_version=version,
@@ -122,17 +123,32 @@ def _serialize_code(func_or_class: Any) -> bytes:
 
 
 
-def _source_digest(func_or_class: Any) -> bytes:
-    """A digest of the file defining ``func_or_class``, b"" if none (e.g. ``__main__``,
-    whose classes are pickled by value: their bytes change with their code anyway)."""
+def _code_identity(func_or_class: Any, code: bytes) -> bytes:
+    """What makes two builds of a deployment's code the same version.
+
+    Code from a module file: its module, name and the file's contents (its pickle
+    can't tell: a class shadowed by its ``@serve.deployment`` is pickled by value,
+    with an id that differs in every process).  Else (``__main__``, the REPL): the
+    pickle itself, stable within this process (``_serialize_code``).
+    """
     module = sys.modules.get(getattr(func_or_class, "__module__", "") or "")
     path = getattr(module, "__file__", None)
     if module is None or module.__name__ == "__main__" or not path:
-        return b""
+        return code
+    digest = _file_digest(path)
+    if digest is None:
+        return code
+    name = f"{module.__name__}:{getattr(func_or_class, '__qualname__', '')}".encode()
+    return name + digest
+
+
+def _file_digest(path: str) -> bytes | None:
+    if not path:
+        return None
     try:
         stat = os.stat(path)
     except OSError:
-        return b""
+        return None
     key = (path, stat.st_mtime_ns, stat.st_size)
     digest = _digests.get(key)
     if digest is None:
