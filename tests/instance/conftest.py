@@ -81,10 +81,11 @@ class Instance:
         return info
 
     def rest(self, method: str, body: Any = None, token: str | None = None,
-             **kwargs: Any) -> httpx.Response:
+             headers_extra: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
         if token == "":
             headers = {}
+        headers.update(headers_extra or {})
         return httpx.request(method, f"{self.read_info()['rest_url']}/api/serve/applications/",
                              json=body, headers=headers, timeout=120, **kwargs)
 
