@@ -7,6 +7,7 @@ Python script), as users do; this pytest process never joins it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -117,6 +118,22 @@ class Instance:
             apps = self.details()["applications"]
             return app in apps and apps[app]["status"] == "RUNNING"
         wait_for(running, timeout_s=timeout_s, message=f"application {app!r} to run")
+
+
+@contextlib.contextmanager
+def popen(instance: Instance, *args: str, stderr_name: str = "run.err"
+          ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``ladle ARGS`` in the background (its stderr in a file); killed if still running."""
+    err_path = instance.app_dir / stderr_name
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ladle", *args], env=instance.env,
+                                cwd=instance.app_dir, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        yield proc, err_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def alive(proc: psutil.Process) -> bool:

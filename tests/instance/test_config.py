@@ -6,15 +6,13 @@ bad files refused whole (field and line) before anything changes, ``ladle build`
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import textwrap
 
 import yaml
 
 from ladle.serve.schema import ServeDeploySchema, ServeInstanceDetails
 from tests.conftest import wait_for
-from tests.instance.conftest import Instance
+from tests.instance.conftest import Instance, popen
 
 MODEL = textwrap.dedent('''
     import os
@@ -239,20 +237,39 @@ def test_build_writes_a_config_that_deploys(instance: Instance) -> None:
 def test_ladle_run_a_config_file_without_an_instance(instance: Instance) -> None:
     (instance.app_dir / "model.py").write_text(MODEL)
     (instance.app_dir / "config.yaml").write_text(CONFIG.format(n=1, greeting="yo"))
-    with open(instance.app_dir / "run.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ladle", "run", "config.yaml",
-                                 "--port", "0"], env=instance.env, cwd=instance.app_dir,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
+    with popen(instance, "run", "config.yaml", "--port", "0") as (proc, err_path):
         def ready() -> bool:
-            assert proc.poll() is None, (instance.app_dir / "run.err").read_text()
-            return "is ready at" in (instance.app_dir / "run.err").read_text()
+            assert proc.poll() is None, err_path.read_text()
+            return "is ready at" in err_path.read_text()
         wait_for(ready, timeout_s=60, message="`ladle run config.yaml` to be ready")
         status = instance.ladle("status", check=True).stdout
         assert "greet:" in status and "RUNNING" in status
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+
+def test_ladle_run_reload_restarts_replicas_on_a_change(instance: Instance) -> None:
+    import re
+
+    import httpx
+
+    (instance.app_dir / "model.py").write_text(MODEL)
+    with popen(instance, "run", "model:app", "--port", "0", "--reload") as (proc, err_path):
+        def ready_url() -> str | None:
+            assert proc.poll() is None, err_path.read_text()
+            found = re.search(r"ready at (http://\S+)", err_path.read_text())
+            return found.group(1) if found and "watching" in err_path.read_text() else None
+        url = wait_for(ready_url, timeout_s=60, message="`ladle run --reload` to be ready")
+        first = httpx.get(url, timeout=30).json()
+        assert first["version"] == 1
+        (instance.app_dir / "model.py").write_text(MODEL.replace('"version": 1',
+                                                                 '"version": 2'))
+
+        def reloaded() -> dict[str, object] | None:
+            answer = httpx.get(url, timeout=30).json()
+            return answer if answer["version"] == 2 else None
+        second = wait_for(reloaded, timeout_s=60, message="the new code to serve")
+        assert second["pid"] != first["pid"]
+        assert "changed; redeploying" in err_path.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import wait_for
-from tests.instance.conftest import Instance, alive
+from tests.instance.conftest import Instance, alive, popen
 
 MODEL = textwrap.dedent('''
     import os
@@ -113,21 +113,14 @@ def test_ladle_run_against_an_instance_removes_only_its_application(instance: In
         import model
         serve.run(model.app, name="stays", route_prefix="/stays")
     ''')
-    with open(instance.app_dir / "run.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ladle", "run", "model:app", "--name",
-                                 "mine", "--route-prefix", "/mine"], env=instance.env,
-                                cwd=instance.app_dir, stdout=subprocess.DEVNULL, stderr=err)
-    try:
+    with popen(instance, "run", "model:app", "--name", "mine", "--route-prefix", "/mine"
+               ) as (proc, _):
         wait_for(lambda: "mine" in instance.details()["applications"] and
                  instance.details()["applications"]["mine"]["status"] == "RUNNING",
                  timeout_s=60, message="`ladle run` to deploy into the instance")
         assert instance.get("/mine").status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     apps = instance.details()["applications"]
     assert "mine" not in apps and apps["stays"]["status"] == "RUNNING"
     assert instance.get("/stays").status_code == 200
