@@ -126,10 +126,11 @@ def _serialize_code(func_or_class: Any) -> bytes:
 def _code_identity(func_or_class: Any, code: bytes) -> bytes:
     """What makes two builds of a deployment's code the same version.
 
-    Code from a module file: its module, name and the file's contents (its pickle
-    can't tell: a class shadowed by its ``@serve.deployment`` is pickled by value,
-    with an id that differs in every process).  Else (``__main__``, the REPL): the
-    pickle itself, stable within this process (``_serialize_code``).
+    Code from a module file: its module, name, the file's contents and the code
+    objects of its methods (two classes of one name in one file differ by those).
+    Not its pickle: a class shadowed by its ``@serve.deployment`` is pickled by
+    value, with an id that differs in every process.  Else (``__main__``, the REPL):
+    the pickle itself, stable within this process (``_serialize_code``).
     """
     module = sys.modules.get(getattr(func_or_class, "__module__", "") or "")
     path = getattr(module, "__file__", None)
@@ -139,7 +140,33 @@ def _code_identity(func_or_class: Any, code: bytes) -> bytes:
     if digest is None:
         return code
     name = f"{module.__name__}:{getattr(func_or_class, '__qualname__', '')}".encode()
-    return name + digest
+    return name + digest + _shape(func_or_class)
+
+
+def _shape(obj: Any) -> bytes:
+    """The code of a function, or of every function in a class, as stable bytes."""
+    if isinstance(obj, type):
+        parts = []
+        for name, value in sorted(vars(obj).items()):
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if code is not None:
+                parts.append(name.encode() + _code_bytes(code))
+        return b"".join(parts)
+    code = getattr(obj, "__code__", None)
+    return b"" if code is None else _code_bytes(code)
+
+
+def _code_bytes(code: Any) -> bytes:
+    consts = b"".join(_code_bytes(c) if hasattr(c, "co_code") else _const_bytes(c)
+                      for c in code.co_consts)
+    return (bytes(code.co_code) + str(code.co_firstlineno).encode() + consts
+            + repr(code.co_names).encode())
+
+
+def _const_bytes(value: Any) -> bytes:
+    if isinstance(value, frozenset):  # its order follows the (per process) string hash
+        return repr(sorted(map(repr, value))).encode()
+    return repr(value).encode()
 
 
 def _file_digest(path: str) -> bytes | None:
