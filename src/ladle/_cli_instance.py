@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -81,10 +82,10 @@ def dispatch(args: argparse.Namespace) -> int:
     return _config(args)
 
 
-def _settings() -> Any:
-    from ._api.config import settings
-
-    return settings()
+def _run_dir() -> str | None:
+    # Read here rather than through settings(): that loads pydantic, which these
+    # commands otherwise never need (they start faster without).
+    return os.environ.get("LADLE_RUN_DIR", "").strip() or None
 
 
 # ---------------------------------------------------------------- finding it
@@ -93,16 +94,31 @@ def _settings() -> Any:
 def long_lived() -> tuple[dict[str, Any], Path] | None:
     """The running long-lived instance's ``instance.json`` and run root, if any."""
     from ._backends.local import instance
-    from ._control import client
-    from ._core.errors import LadleError
 
+    address = os.environ.get("LADLE_ADDRESS", "").strip()
     try:
-        where = client.find(_settings().run_dir, _settings().address)
-    except LadleError as exc:
+        if address:
+            from ._control import client
+            from ._core.errors import LadleError
+
+            try:
+                where = client.find(_run_dir(), address)
+            except LadleError as exc:
+                raise Failed(str(exc)) from None
+            if where is None:
+                return None
+            return where.info, where.root or instance.run_root(_run_dir())
+        root = instance.run_root(_run_dir())
+        deadline = time.monotonic() + 10.0
+        found = instance.find(root)
+        while found is not None and found.get("starting") and time.monotonic() < deadline:
+            time.sleep(0.02)  # `ladle start` is bringing it up right now
+            found = instance.find(root)
+    except instance.InstanceError as exc:
         raise Failed(str(exc)) from None
-    if where is None:
+    if found is None or found.get("starting"):
         return None
-    return where.info, where.root or instance.run_root(_settings().run_dir)
+    return found, root
 
 
 def current_address() -> tuple[str, Path | None]:
@@ -113,7 +129,7 @@ def current_address() -> tuple[str, Path | None]:
     found = long_lived()
     if found is not None:
         return found[0]["address"], found[1]
-    recorded = current.read(run_root(_settings().run_dir))
+    recorded = current.read(run_root(_run_dir()))
     if recorded is None:
         raise Failed("no running instance")
     address: str = recorded["address"]
@@ -141,21 +157,22 @@ async def call(address: str, method: str, *args: Any) -> Any:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from ._control import client
-    from ._core.errors import LadleError
+    # Only the instance's directory code: nothing of the runtime is needed to start one.
+    from ._backends.local import instance
 
-    found = long_lived()
-    if found is not None:
-        say("an instance is already running")
-        _print_where(found[0])
-        return 0
-    location = "Disabled" if args.proxy_location == "NoServer" else args.proxy_location
-    options = {"http_host": args.http_host, "http_port": args.http_port,
-               "proxy_location": location, "rest_port": args.dashboard_port}
-    started = time.monotonic()
+    root = instance.run_root(_run_dir())
     try:
-        info = client.start_detached(_settings().run_dir, options)
-    except LadleError as exc:
+        found = instance.find(root)
+        if found is not None:
+            say("an instance is already running")
+            _print_where(found)
+            return 0
+        location = "Disabled" if args.proxy_location == "NoServer" else args.proxy_location
+        options = {"http_host": args.http_host, "http_port": args.http_port,
+                   "proxy_location": location, "rest_port": args.dashboard_port}
+        started = time.monotonic()
+        info = instance.start(root, options)
+    except instance.InstanceError as exc:
         raise Failed(str(exc)) from None
     say(f"instance started in {time.monotonic() - started:.2f}s")
     _print_where(info)
@@ -211,11 +228,14 @@ def _deploy(args: argparse.Namespace) -> int:
 
     path = Path(args.config_file)
     try:
-        config_file.load(path)  # refused here, with lines, before anything is sent
+        text = path.read_text()
+        # YAML errors are caught here; the instance validates the rest (and answers with
+        # the fields, given lines here), so this command needs no schema of its own.
+        _, lines = config_file.parse_text(text, str(path))
+    except OSError as exc:
+        raise Failed(f"can't read {path}: {exc.strerror or exc}") from None
     except config_file.ConfigError as exc:
         raise Failed(str(exc)) from None
-    text = path.read_text()
-    _, lines = config_file.parse_text(text, str(path))
     rest = _Rest(args.address)
     started = time.monotonic()
     status, answer = rest.request("PUT", text.encode(), {

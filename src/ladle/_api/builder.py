@@ -189,14 +189,47 @@ def _apply_options(dep: Deployment, schema: DeploymentSchema, loc: Loc) -> Deplo
 # ----------------------------------------------------------------- subprocess
 
 
-async def build_in_subprocess(app: ServeApplicationSchema, index: int, base_dir: Path,
-                              env: dict[str, str] | None = None) -> AppTarget:
-    """``build`` in a new Python process; raises BuildError as ``build`` would."""
-    request = json.dumps({"app": app.model_dump(mode="json", exclude_unset=True),
-                          "index": index, "base_dir": str(base_dir)}).encode()
-    proc = await asyncio.create_subprocess_exec(
+class SpareBuilder:
+    """One builder process started ahead, its imports done, waiting for its request:
+    a deploy then costs no Python start.  Each process builds once (a fresh import of
+    the user's code every time); the next spare is started by ``warm`` once the deploy
+    is done, so it doesn't compete with the replicas starting."""
+
+    def __init__(self) -> None:
+        self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
+
+    def warm(self) -> None:
+        if self._spare is None:
+            self._spare = asyncio.ensure_future(_spawn(None))
+
+    def take(self) -> asyncio.Task[asyncio.subprocess.Process]:
+        spare = self._spare if self._spare is not None else asyncio.ensure_future(_spawn(None))
+        self._spare = None
+        return spare
+
+    async def aclose(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            proc = await spare
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def _spawn(env: dict[str, str] | None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ladle._api.builder", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+
+
+async def build_in_subprocess(app: ServeApplicationSchema, index: int, base_dir: Path,
+                              env: dict[str, str] | None = None,
+                              spare: SpareBuilder | None = None) -> AppTarget:
+    """``build`` in a new Python process (a spare one if given); raises BuildError as
+    ``build`` would."""
+    request = json.dumps({"app": app.model_dump(mode="json", exclude_unset=True),
+                          "index": index, "base_dir": str(base_dir)}).encode()
+    proc = await (spare.take() if spare is not None and env is None else _spawn(env))
     try:
         out, err = await proc.communicate(request)
     except BaseException:
@@ -220,7 +253,10 @@ async def build_in_subprocess(app: ServeApplicationSchema, index: int, base_dir:
 def main() -> None:
     answer = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # what user code prints goes to stderr, not into the answer
-    request = json.loads(sys.stdin.buffer.read())
+    raw = sys.stdin.buffer.read()
+    if not raw:
+        os._exit(0)  # a spare whose controller went away
+    request = json.loads(raw)
     app = ServeApplicationSchema.model_validate(request["app"])
     try:
         result: tuple[str, Any] = ("ok", build(app, request["index"], Path(request["base_dir"])))

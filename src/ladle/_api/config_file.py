@@ -16,11 +16,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydantic
+if TYPE_CHECKING:  # imported when validating: reading a file needs neither
+    import pydantic
 
-from .schema import ServeDeploySchema
+    from .schema import ServeDeploySchema
 
 Loc = tuple[str | int, ...]
 
@@ -132,6 +133,10 @@ def _pydantic_problems(exc: pydantic.ValidationError, lines: dict[Loc, int]) -> 
 def validate(data: Any, lines: dict[Loc, int] | None = None, filename: str = "",
              base_dir: Path | None = None) -> ServeDeploySchema:
     """The validated config, or a ConfigError naming every problem (and its line)."""
+    import pydantic
+
+    from .schema import ServeDeploySchema
+
     lines = lines or {}
     if not isinstance(data, dict):
         raise ConfigError([Problem((), "a config must be a mapping with an 'applications' "

@@ -19,19 +19,19 @@ from typing import Any
 
 from .._control.controller import AppTarget, Controller
 from .._core.errors import LadleError
-from .builder import BuildError, build_in_subprocess
+from .builder import BuildError, SpareBuilder, build_in_subprocess
 from .config_file import ConfigError, Problem
 from .deployment import Application
 from .schema import ServeDeploySchema
 
 
 async def build_config(config: ServeDeploySchema, base_dir: Path,
-                       env: dict[str, str] | None = None
+                       env: dict[str, str] | None = None, spare: SpareBuilder | None = None
                        ) -> dict[str, tuple[AppTarget, dict[str, Any]]]:
     """Every application of ``config`` built; a ConfigError naming each one that can't be."""
     results = await asyncio.gather(
-        *(build_in_subprocess(app, i, base_dir, env) for i, app in enumerate(config.applications)),
-        return_exceptions=True)
+        *(build_in_subprocess(app, i, base_dir, env, spare)
+          for i, app in enumerate(config.applications)), return_exceptions=True)
     problems = []
     built: dict[str, tuple[AppTarget, dict[str, Any]]] = {}
     for app, result in zip(config.applications, results, strict=True):
@@ -48,10 +48,11 @@ async def build_config(config: ServeDeploySchema, base_dir: Path,
 
 async def deploy_config(controller: Controller, config: ServeDeploySchema, base_dir: Path,
                         *, wait: bool = True, env: dict[str, str] | None = None,
-                        tasks: set[asyncio.Task[None]] | None = None) -> list[str]:
+                        tasks: set[asyncio.Task[None]] | None = None,
+                        spare: SpareBuilder | None = None) -> list[str]:
     """Apply ``config`` to the instance (refused whole, before any change, if any of it is
     wrong); return the names of its applications.  ``wait``: until all are ready."""
-    built = await build_config(config, base_dir, env)
+    built = await build_config(config, base_dir, env, spare)
     try:
         controller.check_config(built)
     except LadleError as exc:
@@ -62,21 +63,30 @@ async def deploy_config(controller: Controller, config: ServeDeploySchema, base_
             loc = ("applications", names.index(app_name), "route_prefix")
         raise ConfigError([Problem(loc, str(exc))]) from None
     if wait:
-        await controller.apply_config(built)
+        try:
+            await controller.apply_config(built)
+        finally:
+            if spare is not None:
+                spare.warm()
     else:
         assert tasks is not None
-        task = asyncio.get_running_loop().create_task(_apply_quietly(controller, built))
+        task = asyncio.get_running_loop().create_task(
+            _apply_quietly(controller, built, spare))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     return list(built)
 
 
 async def _apply_quietly(controller: Controller,
-                         built: dict[str, tuple[AppTarget, dict[str, Any]]]) -> None:
+                         built: dict[str, tuple[AppTarget, dict[str, Any]]],
+                         spare: SpareBuilder | None) -> None:
     try:
         await controller.apply_config(built)
     except (LadleError, Exception):
         pass  # the applications show DEPLOY_FAILED with the reason: status reports it
+    finally:
+        if spare is not None:
+            spare.warm()
 
 
 # ------------------------------------------------------------------ describing

@@ -21,6 +21,7 @@ supervisor does not retry it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from .._backends.local.supervisor import FATAL
 from .._control.controller import Controller
 from .._control.store import FileStore
 from .._core.errors import LadleError
-from .config import HTTPOptions, ProxyLocation, normalize_proxy_location
+from .._serving.proxy import ProxyConfig
 from .rest import RestApi
 
 logger = logging.getLogger("ladle")
@@ -73,16 +74,14 @@ async def serve(directory: Path) -> int:
                 return 0
         else:
             await controller.restore({})
-            location = normalize_proxy_location(options.get("proxy_location", "HeadOnly"))
-            if location != ProxyLocation.Disabled:
-                from .lifecycle import proxy_config
-
-                http = HTTPOptions(host=options.get("http_host", "127.0.0.1"),
-                                   port=options.get("http_port", 8000))
-                await controller.start_proxy(proxy_config(http))
         rest = RestApi(controller, _token(directory), options, directory / "token")
-        rest_port = await rest.start(options.get("rest_host", "127.0.0.1"),
-                                     options.get("rest_port", 8265))
+        starting = [rest.start(options.get("rest_host", "127.0.0.1"),
+                               options.get("rest_port", 8265))]
+        if state is None and options.get("proxy_location", "HeadOnly") not in ("Disabled",
+                                                                               "NoServer"):
+            starting.append(controller.start_proxy(ProxyConfig(
+                host=options.get("http_host", "127.0.0.1"), port=options.get("http_port", 8000))))
+        rest_port, *_ = await asyncio.gather(*starting)
     except (LadleError, OSError) as exc:
         await controller.shutdown()
         if restarted:
@@ -96,6 +95,10 @@ async def serve(directory: Path) -> int:
             "dir": str(directory), "restarted": restarted}
     write_private(directory / "instance.json", json.dumps(info))
     instance.report_ready(info)
+    # What the first deploy needs (pydantic, the schema, the builder), loaded now rather
+    # than while it waits.
+    await asyncio.to_thread(importlib.import_module, "ladle._api.declarative")
+    rest.prepare()
     logger.info("ladle instance %s: controller %s, HTTP %s, REST %s",
                 "restored" if restarted else "started", controller.address,
                 f"{info['http_host']}:{info['http_port']}" if info["http_port"] else "off",

@@ -22,12 +22,13 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._control.controller import Controller
 from .._core.errors import LadleError
-from .config_file import ConfigError, Problem, format_loc, parse_text, validate
-from .declarative import deploy_config, details
+
+if TYPE_CHECKING:
+    from .config_file import Problem
 
 logger = logging.getLogger("ladle")
 
@@ -52,6 +53,7 @@ class RestApi:
         self._build_env = build_env
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spare: Any = None  # a SpareBuilder, from the first deploy on
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._serve, host, port,
@@ -64,6 +66,16 @@ class RestApi:
             self._server.close()
         for task in list(self._tasks):
             task.cancel()
+        if self._spare is not None:
+            await self._spare.aclose()
+
+    def prepare(self) -> None:
+        """Start a spare builder now, so the first deploy doesn't wait for one."""
+        from .builder import SpareBuilder
+
+        if self._spare is None:
+            self._spare = SpareBuilder()
+        self._spare.warm()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -104,6 +116,8 @@ class RestApi:
         if path.rstrip("/") != PATH.rstrip("/"):
             return 404, {"error": f"no such path: {path} (try {PATH})"}
         if method == "GET":
+            from .declarative import details  # not at import: the controller starts faster
+
             return 200, details(self._controller.status(), self._options)
         if method == "DELETE":
             for name in list(self._controller.status()["applications"]):
@@ -121,12 +135,17 @@ class RestApi:
         return await self._put(text, app_dir)
 
     async def _put(self, text: str, app_dir: Path) -> tuple[int, Any]:
+        from .config_file import ConfigError, parse_text, validate
+        from .declarative import deploy_config
+
         try:
             data, lines = parse_text(text)  # YAML is a superset of JSON
             config = validate(data, lines, base_dir=app_dir)
             env = self._build_env() if self._build_env is not None else None
+            if self._spare is None:
+                self.prepare()
             names = await deploy_config(self._controller, config, app_dir, wait=False,
-                                        env=env, tasks=self._tasks)
+                                        env=env, tasks=self._tasks, spare=self._spare)
         except ConfigError as exc:
             return 400, {"error": str(exc), "errors": [_problem(p) for p in exc.problems]}
         except LadleError as exc:
@@ -135,5 +154,7 @@ class RestApi:
 
 
 def _problem(problem: Problem) -> dict[str, Any]:
+    from .config_file import format_loc
+
     return {"loc": list(problem.loc), "field": format_loc(problem.loc), "msg": problem.message,
             "line": problem.line}
