@@ -41,7 +41,8 @@ from harness import (
     to_result,
 )
 
-MODULES = ("ceilings", "scenarios_handles", "scenarios_http", "scenarios_payloads", "soak", "scenarios_ray")
+MODULES = ("ceilings", "scenarios_handles", "scenarios_http", "scenarios_payloads", "soak", "instance",
+           "scenarios_ray")
 BENCH_DIR = Path(__file__).resolve().parent
 SRC_DIR = BENCH_DIR.parent / "src"
 GRACE_S = 5.0  # past a scenario's own deadline, before its process group is killed

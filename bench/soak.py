@@ -571,3 +571,99 @@ def soak(ctx: Context) -> dict[str, float]:
     report["proxy_fds_start"] = proxy_fds_start
     report["proxy_fds_end"] = proxy_fds_end
     return report
+
+
+# ------------------------------------------------------- the controller dies (issue 11)
+
+
+@scenario("soak_controller", "failed", better="lower", target=1.0, timeout_s=150.0, default=False)
+def soak_controller(ctx: Context) -> dict[str, float]:
+    """Issue 11: steady handle and HTTP traffic into a long-lived instance (`ladle start`)
+    while its controller is SIGKILLed every few seconds.  The figure is the number of
+    failed requests (target 0); the extras say how long after each kill a deploy worked
+    again (target under 1 s) and whether any replica was restarted (it must not be)."""
+    import json
+    import subprocess
+
+    import httpx
+    import uvloop
+
+    run_dir = ctx.tmp_dir / "run"
+    os.environ["LADLE_RUN_DIR"] = str(run_dir)  # before ladle reads its settings
+    from ladle import serve
+    from ladle._api.lifecycle import status_raw
+
+    duration_s = ctx.scale(30, 10)
+    interval_s = ctx.scale(5, 3)
+    n_kills = (duration_s - 1) // interval_s
+    log = sys.stderr
+    subprocess.run([sys.executable, "-m", "ladle", "start", "--http-port", "0",
+                    "--dashboard-port", "0"], check=True, timeout=60, stdout=subprocess.DEVNULL)
+    info_path = run_dir / "instance" / "instance.json"
+    info = json.loads(info_path.read_text())
+    tally = Tally()
+    redeploy_s: list[float] = []
+    restarted_replicas = 0
+    try:
+        app = soak_app()
+        handle = serve.run(app, name="soak", route_prefix="/")
+        url = f"http://{HOST}:{info['http_port']}/"
+        pids_before = {k: v for k, v in status_raw()["pids"].items()}
+        stop = threading.Event()
+
+        def kill_controllers(t_start: float) -> None:
+            nonlocal restarted_replicas
+            for k in range(1, n_kills + 1):
+                if stop.wait(max(0.0, t_start + k * interval_s - time.monotonic())):
+                    return
+                pid = json.loads(info_path.read_text())["controller_pid"]
+                t_kill = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                serve.run(app, name="soak", route_prefix="/")  # the same app: nothing restarts
+                redeploy_s.append(time.monotonic() - t_kill)
+                print(f"soak_controller: t={t_kill - t_start:5.1f} s SIGKILL controller "
+                      f"(pid {pid}); a deploy worked again after {redeploy_s[-1]:.3f} s",
+                      file=log)
+                now = status_raw()["pids"]
+                restarted_replicas += sum(1 for name, p in pids_before.items()
+                                          if now.get(name) != p)
+
+        async def drive() -> None:
+            n = ASYNC_CALLERS["http"] + ASYNC_CALLERS["http_stream"]
+            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+            async with httpx.AsyncClient(limits=limits, timeout=CALL_TIMEOUT_S) as client:
+                calls = async_calls(handle, client, url)
+                kinds = ("handle_async", "compose", "handle_stream", "http", "http_stream")
+                await _warm_up({k: calls[k] for k in kinds})
+                t_start = time.monotonic()
+                stop_at = t_start + duration_s
+                killer = threading.Thread(target=kill_controllers, args=(t_start,), daemon=True)
+                killer.start()
+                sync = sync_calls(handle)
+                threads = [threading.Thread(target=_sync_caller,
+                                            args=("handle_sync", sync["handle_sync"], stop_at,
+                                                  tally), daemon=True) for _ in range(2)]
+                for t in threads:
+                    t.start()
+                await asyncio.gather(*(_async_caller(kind, calls[kind], stop_at, tally)
+                                       for kind in kinds for _ in range(ASYNC_CALLERS[kind])))
+                for t in threads:
+                    await asyncio.to_thread(t.join, CALL_TIMEOUT_S + 5)
+                stop.set()
+                await asyncio.to_thread(killer.join, 30)
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(drive())
+    finally:
+        serve.shutdown()
+    served = sum(tally.served.values())
+    print(f"soak_controller: {duration_s} s, {len(redeploy_s)} controller kills, {served} "
+          f"calls served, {len(tally.errors)} failed, replicas restarted {restarted_replicas}; "
+          f"deploys worked again after {', '.join(f'{s:.3f}' for s in redeploy_s)} s",
+          file=log)
+    for kind, name, t, text in tally.errors[:20]:
+        print(f"  failed: {kind} {name}: {text}", file=log)
+    return {"value": len(tally.errors), "kills": len(redeploy_s), "served": served,
+            "max_redeploy_s": max(redeploy_s, default=float("nan")),
+            "replicas_restarted": restarted_replicas,
+            **{f"served_{k}": v for k, v in tally.served.items()}}

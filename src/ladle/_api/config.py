@@ -376,6 +376,7 @@ class Settings:
     """Every environment variable ladle reads, read once (see ``settings()``).
 
     LADLE_RUN_DIR          run_dir          None: computed by the caller
+    LADLE_ADDRESS          address          None: the long-lived instance of run_dir, if any
     LADLE_LOG_LEVEL        log_level        "INFO"
     LADLE_HTTP_ACCESS_LOG  http_access_log  False ("0"/"1", "false"/"true")
     LADLE_DEBUG            debug            False; True sends tracebacks to HTTP clients
@@ -384,6 +385,7 @@ class Settings:
     """
 
     run_dir: str | None = None
+    address: str | None = None
     log_level: str = "INFO"
     http_access_log: bool = False
     debug: bool = False
@@ -403,6 +405,7 @@ def _positive_float(raw: str) -> float:
 # variable -> (Settings field, what it must be, parser raising KeyError/ValueError)
 _VARIABLES: Final[dict[str, tuple[str, str, Callable[[str], Any]]]] = {
     "LADLE_RUN_DIR": ("run_dir", "a path", str),
+    "LADLE_ADDRESS": ("address", "unix:/path/to/controller.sock or a run directory", str),
     "LADLE_LOG_LEVEL": ("log_level", "a log level name (DEBUG, INFO, ...)", lambda raw: _LOG_LEVELS[raw.upper()]),
     "LADLE_HTTP_ACCESS_LOG": ("http_access_log", "'0' or '1'", lambda raw: _BOOLS[raw.lower()]),
     "LADLE_DEBUG": ("debug", "'0' or '1'", lambda raw: _BOOLS[raw.lower()]),

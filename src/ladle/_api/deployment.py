@@ -4,13 +4,15 @@ A ``Deployment`` is a user class or function plus validated options; ``bind``
 makes an ``Application`` (a tree of bound deployments).  Nothing here starts
 anything: ``lifecycle.py`` turns an Application into targets for the
 controller.  The legacy 1.x methods (``deploy``, ``get_handle``, ``delete``)
-are thin calls into ``lifecycle``.
+are thin calls into the runtime, which ``lifecycle`` installs with
+``set_runtime`` when it is imported (so imports go one way: lifecycle uses
+these definitions, never the reverse).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Protocol
 
 from .config import (
     DEFAULT_ROUTE_PREFIX_UNSET,
@@ -18,6 +20,31 @@ from .config import (
     build_deployment_config,
     validate_deployment_options,
 )
+
+
+class _Runtime(Protocol):
+    def deploy_legacy(self, dep: Deployment, init_args: tuple[Any, ...],
+                      init_kwargs: dict[str, Any]) -> None: ...
+    def legacy_handle(self, name: str, sync: bool) -> Any: ...
+    def delete(self, name: str, _blocking: bool = True) -> None: ...
+
+
+_runtime: _Runtime | None = None
+
+
+def set_runtime(runtime: _Runtime) -> None:
+    """Install what runs applications (``lifecycle``) for the legacy methods."""
+    global _runtime
+    _runtime = runtime
+
+
+def _get_runtime() -> _Runtime:
+    if _runtime is None:
+        import importlib
+
+        importlib.import_module("ladle._api.lifecycle")  # installs itself
+    assert _runtime is not None
+    return _runtime
 
 
 class Deployment:
@@ -121,21 +148,15 @@ class Deployment:
 
     def deploy(self, *init_args: Any, _blocking: bool = True, **init_kwargs: Any) -> None:
         """Legacy 1.x: deploy as its own application at ``route_prefix`` (``/{name}``)."""
-        from .lifecycle import deploy_legacy
-
-        deploy_legacy(self, init_args, init_kwargs)
+        _get_runtime().deploy_legacy(self, init_args, init_kwargs)
 
     def get_handle(self, sync: bool = True) -> Any:
         """Legacy 1.x: a handle to this deployed deployment (``sync=False``: awaitable calls)."""
-        from .lifecycle import legacy_handle
-
-        return legacy_handle(self.name, sync)
+        return _get_runtime().legacy_handle(self.name, sync)
 
     def delete(self) -> None:
         """Legacy 1.x: delete this deployment's application."""
-        from .lifecycle import delete
-
-        delete(self.name)
+        _get_runtime().delete(self.name)
 
     def __repr__(self) -> str:
         return f"Deployment(name={self.name!r})"

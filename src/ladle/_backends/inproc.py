@@ -66,6 +66,9 @@ class InprocBackend:
             with contextlib.suppress(BaseException):
                 await task
 
+    async def adopt(self, name: str, *, on_exit: Callable[[str], None]) -> str | None:
+        return None  # nothing outlives the process that ran it
+
     def pids(self) -> dict[str, int]:
         return {}
 

@@ -5,6 +5,12 @@ or STOPPING (drained, then stopped).  Only RUNNING replicas are published to
 routers.  A new version starts its replicas first and stops an old one for
 each new one that becomes ready, so capacity never dips during an update.
 A ``user_config`` change alone reconfigures replicas in place.
+
+A restarted controller hands ``adopt`` the replicas its predecessor
+recorded: those that still answer become RUNNING again as they are (same
+process, same address), the others are forgotten and replaced by the
+ordinary reconcile.  ``on_change`` is called whenever the set of replicas
+changes, so the controller can persist it.
 """
 
 from __future__ import annotations
@@ -62,19 +68,23 @@ class ReplicaRecord:
     pid: int | None = None
     model_ids: frozenset[str] = frozenset()
     ongoing: int = 0
+    started_at: float = field(default_factory=time.time)
 
 
 class DeploymentState:
     """Reconciles one deployment; all methods run on the controller's loop."""
 
-    def __init__(self, target: DeploymentTarget, backend: Backend, controller_address: str) -> None:
+    def __init__(self, target: DeploymentTarget, backend: Backend, controller_address: str,
+                 *, on_change: Any = None, adopting: bool = False,
+                 target_num: int | None = None) -> None:
         self.target = target
+        self._on_change = on_change
         self.deployment_id = target.deployment_id
         self._backend = backend
         self._controller_address = controller_address
         self.replicas: dict[str, ReplicaRecord] = {}
         self.target_num = (target.autoscaling.initial() if target.autoscaling
-                           else target.num_replicas)
+                           else target.num_replicas) if target_num is None else target_num
         self._autoscaler = AutoscalingState(target.autoscaling) if target.autoscaling else None
         self.status = "UPDATING"
         self.message = ""
@@ -86,6 +96,8 @@ class DeploymentState:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._deleted = False
+        # Until ``adopt`` has run, reconciling would start replicas that already exist.
+        self._adopting = adopting
         self._spawn(self._reconcile_loop())
         self._spawn(self._monitor_loop())
         self._kick()
@@ -156,6 +168,8 @@ class DeploymentState:
             self._reconcile()
 
     def _reconcile(self) -> None:
+        if self._adopting:
+            return
         version = self.target.code_version
         live = [r for r in self.replicas.values() if r.state != STOPPING]
         current = [r for r in live if r.code_version == version]
@@ -188,6 +202,8 @@ class DeploymentState:
         replica_id = f"{self.deployment_id.name}-{uuid.uuid4().hex[:8]}"
         rec = ReplicaRecord(replica_id=replica_id, code_version=self.target.code_version)
         self.replicas[replica_id] = rec
+        if self._on_change is not None:
+            self._on_change()
         self._spawn(self._run_start(rec, self.target))
 
     async def _run_start(self, rec: ReplicaRecord, target: DeploymentTarget) -> None:
@@ -206,6 +222,9 @@ class DeploymentState:
         except Exception as exc:
             self._on_start_failed(rec, exc)
             return
+        self._started(rec, info)
+
+    def _started(self, rec: ReplicaRecord, info: dict[str, Any]) -> None:
         if rec.state != STARTING:
             return  # stopped while starting
         rec.pid = info.get("pid")
@@ -214,6 +233,43 @@ class DeploymentState:
         self._ever_ready = True
         self._publish()
         self._kick()
+
+    async def adopt(self, records: list[dict[str, Any]], *, wait_s: float = 2.0) -> None:
+        """Take back the replicas a previous controller recorded (before the first
+        reconcile): connect to each one still alive; those ready within ``wait_s`` are
+        RUNNING when this returns, the others finish starting in the background."""
+        async def take(record: dict[str, Any]) -> None:
+            replica_id = record["replica_id"]
+            address = await self._backend.adopt(replica_id, on_exit=self._on_exit)
+            if address is None:
+                return
+            rec = ReplicaRecord(replica_id, record["code_version"], address=address)
+            self.replicas[replica_id] = rec
+            try:
+                rec.remote = await connect(address)
+                ready = asyncio.ensure_future(rec.remote.call("__ladle_ready__"))
+            except Exception:
+                self._spawn(self._stop_replica(rec, graceful=False))
+                return
+            done, _ = await asyncio.wait([ready], timeout=wait_s)
+            if done:
+                self._adopted(rec, ready)
+            else:
+                ready.add_done_callback(functools.partial(self._adopted, rec))
+
+        await asyncio.gather(*(take(r) for r in records))
+        if any(r.state == RUNNING for r in self.replicas.values()):
+            self._ever_ready = True
+        self._adopting = False
+        self._publish()
+        self._kick()
+
+    def _adopted(self, rec: ReplicaRecord, ready: asyncio.Future[Any]) -> None:
+        if ready.cancelled() or ready.exception() is not None:
+            if rec.state == STARTING:
+                self._spawn(self._stop_replica(rec, graceful=False))
+            return
+        self._started(rec, ready.result())
 
     def _on_start_failed(self, rec: ReplicaRecord, exc: BaseException) -> None:
         if rec.state == STOPPING or self._deleted:
@@ -275,6 +331,8 @@ class DeploymentState:
         await self._backend.stop(rec.replica_id, timeout_s=2.0)
         await _close(rec.remote)
         self.replicas.pop(rec.replica_id, None)
+        if self._on_change is not None:
+            self._on_change()
         self._kick()
 
     # ----------------------------------------------------------------- monitor
@@ -342,6 +400,19 @@ class DeploymentState:
     def _publish(self) -> None:
         if not self._deleted:
             hub.publish(self.deployment_id, self.snapshot())
+        if self._on_change is not None:
+            self._on_change()
+
+    def replica_records(self) -> list[dict[str, Any]]:
+        """What a restarted controller needs to find this deployment's replicas again."""
+        return [{"replica_id": r.replica_id, "code_version": r.code_version}
+                for r in self.replicas.values() if r.state != STOPPING]
+
+    def replica_details(self) -> list[dict[str, Any]]:
+        current = self.target.code_version
+        return [{"replica_id": r.replica_id, "state": r.state, "pid": r.pid,
+                 "start_time_s": r.started_at, "current": r.code_version == current}
+                for r in self.replicas.values()]
 
     def replica_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -4,6 +4,12 @@ Replicas and proxies learn replica sets and routes from the controller's
 pushes: the first time a handle in this process needs a deployment, the
 link opens a subscription stream for it and republishes every update into
 this process's snapshot hub.  It also answers lookups (``get_app_handle``).
+
+If the connection drops (the controller of a long-lived instance died and
+is being restarted), the hub keeps the last values, so routing goes on
+unchanged; the link reconnects to the same address and subscribes to every
+key again.  A restarted controller opens its socket only once it has its
+state back, so the first values after a reconnect are the right ones.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from .._core.transport import Remote, connect
 
 # Subscriptions never run out of credit: updates are small and coalesced upstream.
 _SUBSCRIPTION_WINDOW = 1 << 30
+# Reconnecting: first try at once, then back off up to this.
+_MAX_RECONNECT_DELAY_S = 0.1
 
 
 class _HubFeeder:
@@ -45,6 +53,9 @@ class ControlLink:
         self._remote: Remote | None = None
         self._connecting: asyncio.Future[Remote] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._keys: list[Hashable] = []  # everything this process follows
+        self._reconnecting = False
+        self.closed = False
 
     def fetch(self, key: Hashable) -> None:
         """Hub fetcher: start following ``key`` (callable from any thread)."""
@@ -59,14 +70,55 @@ class ControlLink:
         if self._remote is not None and not self._remote.closed:
             return self._remote
         if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(connect(self.address))
+            self._connecting = asyncio.ensure_future(self._connect())
         self._remote = await asyncio.shield(self._connecting)
         return self._remote
 
+    async def _connect(self) -> Remote:
+        remote = await connect(self.address)
+        remote.add_close_callback(self._on_lost)
+        return remote
+
     async def _subscribe(self, key: Hashable) -> None:
-        remote = await self.remote()
+        if key not in self._keys:
+            self._keys.append(key)
+        try:
+            remote = await self.remote()
+            self._start_subscription(remote, key)
+        except Exception:
+            self._on_lost()  # the controller is away: keep trying
+
+    def _start_subscription(self, remote: Remote, key: Hashable) -> None:
         remote.start_stream((new_request_id(), "subscribe", "", True, ""), (key,), {},
                             _HubFeeder(key), None, _SUBSCRIPTION_WINDOW)
+
+    def _on_lost(self) -> None:
+        if not self.closed and self._keys and not self._reconnecting:
+            self._reconnecting = True
+            self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay_s = 0.0
+        try:
+            while not self.closed:
+                await asyncio.sleep(delay_s)
+                delay_s = min(max(delay_s * 2, 0.005), _MAX_RECONNECT_DELAY_S)
+                try:
+                    remote = await self.remote()
+                except Exception:
+                    continue
+                for key in list(self._keys):
+                    self._start_subscription(remote, key)
+                return
+        finally:
+            self._reconnecting = False
+
+    def close(self) -> None:
+        """Stop following the controller (this process is leaving the instance)."""
+        self.closed = True
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            self._spawn(remote.aclose())
 
     async def call(self, method: str, *args: Any) -> Any:
         """Call the controller from any loop (hops to the link's loop if needed)."""
@@ -105,6 +157,15 @@ def install(address: str, loop: asyncio.AbstractEventLoop) -> ControlLink:
     _link = ControlLink(address, loop)
     hub.set_fetcher(_link.fetch)
     return _link
+
+
+def uninstall() -> None:
+    """Stop following the controller (call on the link's loop's thread or from any)."""
+    global _link
+    link, _link = _link, None
+    hub.set_fetcher(None)
+    if link is not None:
+        link._loop.call_soon_threadsafe(link.close)
 
 
 def current_link() -> ControlLink | None:

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import inspect
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,7 @@ class Replica:
 
     async def _build(self) -> None:
         spec = self.spec
+        _apply_runtime_env(spec.extras)
         target = cloudpickle.loads(spec.serialized_callable)
         init_args, init_kwargs = cloudpickle.loads(spec.serialized_init)
         if spec.is_function:
@@ -424,6 +426,19 @@ class Replica:
 
     async def _sys_ping(self) -> bool:
         return True
+
+
+def _apply_runtime_env(extras: dict[str, Any]) -> None:
+    """Run where the deploying side imported from: its ``sys_path`` first, its ``cwd``,
+    its ``env_vars`` (a config's ``runtime_env``, or a driver of a long-lived instance),
+    before the code, which may be pickled by reference, is loaded."""
+    os.environ.update(extras.get("env_vars") or {})
+    cwd = extras.get("cwd")
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+    for entry in reversed(extras.get("sys_path") or ()):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
 
 
 def _cancel_children(ctx: _context.RequestContext) -> None:

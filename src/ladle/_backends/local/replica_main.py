@@ -1,10 +1,15 @@
-"""Entry point of a local-backend child process: ``python -m ...replica_main FD NAME``.
+"""Entry point of a local-backend child process:
+``python -m ...replica_main FD [--lifeline FD] NAME``.
 
-NAME (a replica id, or ``proxy``) is only there so ``ps`` shows who is who.
+NAME (a replica id, or ``proxy``) is only there so ``ps`` shows who is who
+(the short process name, for ``ps -e`` and ``top``, is ``ladle::replica``
+or ``ladle::proxy``).
 
 Reads ``(sys.path, cwd, pickled factory)`` from stdin, serves the built
 ``Servable`` on the inherited listening socket, and exits when it is told to
-stop, on SIGTERM, or as soon as stdin reaches EOF (the parent died).
+stop, on SIGTERM, or as soon as stdin reaches EOF (the parent died).  With
+``--lifeline``, that fd's EOF is what ends it instead (the instance is gone;
+the parent controller may die and be replaced without it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ def main() -> None:
     # Ctrl-C in the terminal reaches the whole process group; the parent decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     listen_fd = int(sys.argv[1])
+    lifeline_fd = int(sys.argv[3]) if sys.argv[2:3] == ["--lifeline"] else 0
+    from .proctitle import set_comm
+
+    set_comm("ladle::proxy" if sys.argv[-1] == "proxy" else "ladle::replica")
     (length,) = struct.unpack("<Q", _read_exactly(0, 8))
     sys_path, cwd, target_bytes = pickle.loads(_read_exactly(0, length))
     for entry in reversed(sys_path):
@@ -54,7 +63,7 @@ def main() -> None:
         server = await serve_socket(sock, servable)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_reader(0, _on_stdin)
+        loop.add_reader(lifeline_fd, _on_parent_gone, lifeline_fd)
         run = loop.create_task(servable.run())
         waiter = loop.create_task(stop.wait())
         await asyncio.wait([run, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -73,9 +82,9 @@ def main() -> None:
         os._exit(0)  # don't wait for user threads stuck in the pool
 
 
-def _on_stdin() -> None:
+def _on_parent_gone(fd: int) -> None:
     try:
-        data = os.read(0, 4096)
+        data = os.read(fd, 4096)
     except OSError:
         data = b""
     if not data:
