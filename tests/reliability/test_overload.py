@@ -4,14 +4,13 @@ One replica takes two requests at a time (~20 ms each) and each router
 queues four more; 60 clients (HTTP and handles) send back to back for at
 least two seconds, and on until each path has had enough requests admitted
 (a busy machine admits fewer per second).  Latency bounds here are sanity
-bounds, not speed targets: a rejection must not wait for capacity, an
-admitted request must not wait unboundedly.
+bounds, not speed targets: neither a rejection nor an admitted request may
+wait unboundedly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -125,8 +124,9 @@ def test_overload_sheds_the_excess_and_recovers(http_url: str) -> None:
         # Far more than one replica can take: some are served, the excess is shed ...
         assert len(admitted) >= MIN_ADMITTED, (path, len(rejected), len(admitted))
         assert len(rejected) >= MIN_ADMITTED, (path, len(rejected), len(admitted))
-        # ... at once, without waiting for capacity as the admitted requests do ...
-        assert statistics.median(rejected) < statistics.median(admitted), path
+        # ... without waiting unboundedly (that a rejection does not wait for capacity at
+        # all is shown without timing, with a blocked replica, in test_load_balancing and
+        # test_status_codes; here the client process is part of every latency) ...
         assert max(rejected) < 5.0, path
         # ... and admitted requests wait a bounded time.
         assert max(admitted) < 5.0, path
