@@ -21,8 +21,10 @@ from typing import Any
 from .._control.autoscaling import AutoscalingPolicy
 from .._control.controller import AppTarget
 from .._control.deployment_state import DeploymentTarget
+from .._core.errors import LadleError
 from .._core.serialization import dumps
 from .._core.types import DeploymentID
+from .._serving.asgi import is_ingress_class
 from .._serving.handle import DeploymentHandle
 from .config import settings
 from .deployment import Application, Deployment
@@ -50,6 +52,8 @@ def build_app_target(app: Application, name: str, route_prefix: str | None,
         args = tuple(replace_apps(a) for a in node.init_args)
         kwargs = {k: replace_apps(v) for k, v in node.init_kwargs.items()}
         targets[dname] = make_target(dep, dname, args, kwargs)
+        if not dep.is_function and is_ingress_class(dep.func_or_class):
+            asgi_ingresses.append(dname)
         return dname
 
     def replace_apps(value: Any) -> Any:
@@ -104,7 +108,13 @@ def build_app_target(app: Application, name: str, route_prefix: str | None,
             graceful_shutdown_wait_loop_s=config.graceful_shutdown_wait_loop_s,
             start_timeout_s=start_timeout_s, extras=dict(extras or {}))
 
+    asgi_ingresses: list[str] = []
     ingress = visit(app)
+    if len(asgi_ingresses) > 1:
+        # As Ray Serve: HTTP reaches only the ingress, so a second app would never serve.
+        raise LadleError(f"Found multiple FastAPI deployments in application '{name}' "
+                         f"({', '.join(sorted(asgi_ingresses))}): only one deployment of an "
+                         "application may use @serve.ingress.")
     return AppTarget(name, route_prefix, ingress, tuple(targets.values()))
 
 

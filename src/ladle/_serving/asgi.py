@@ -31,10 +31,13 @@ logger = logging.getLogger("ladle.replica")
 # The method names proxies call: dunder names are not callable user methods.
 HTTP_METHOD = "__serve_http__"
 WEBSOCKET_METHOD = "__serve_websocket__"
-# Set by @serve.ingress: the app on the class, and which class owns which route.
+# Set by @serve.ingress: the app on the class, and which class owns which route;
+# or how each replica builds its app (a function, or the name of the class's method).
 APP_ATTR = "__ladle_asgi_app__"
 OWNER_ATTR = "__ladle_ingress_owner__"
 OWNER_CLASS_ATTR = "__ladle_ingress_class__"
+BUILDER_ATTR = "__ladle_asgi_builder__"
+LATE_BUILD_METHOD = "__serve_build_asgi_app__"  # Ray Serve's name
 
 
 # A whole response as its two ASGI messages (start, body).
@@ -188,9 +191,9 @@ async def serve_http(user: UserCallable, packed_scope: tuple[Any, ...], body: by
             await app(scope, receive, responder.send)
             await responder.flush()
         else:
-            request = request_class()(scope, receive)
-            fn, kind = user.method("__call__")
-            result = await user.call(fn, kind, (request,), {}, "__call__")
+            fn, kind, takes_request = user.http_entrypoint()
+            args = (request_class()(scope, receive),) if takes_request else ()
+            result = await user.call(fn, kind, args, {}, "__call__")
             await _answer_plain(result, scope, receive, responder)
     except asyncio.CancelledError:
         raise
@@ -338,6 +341,53 @@ async def serve_websocket(user: UserCallable, scope: dict[str, Any], sink: Reply
     else:
         await app(scope, sink.next_input, send)
     sink.end()
+
+
+def is_ingress_class(cls: Any) -> bool:
+    """Whether ``cls`` was decorated with ``@serve.ingress``."""
+    return hasattr(cls, APP_ATTR) or hasattr(cls, BUILDER_ATTR)
+
+
+async def build_ingress_app(instance: Any) -> Any:
+    """The ASGI app one replica serves (None if the class has no ingress): its own
+    copy of the class's app, or what the class's builder returns."""
+    cls = type(instance)
+    builder = getattr(cls, BUILDER_ATTR, None)
+    if builder is None:
+        app = bind_ingress_app(instance)
+    else:
+        build = getattr(instance, builder) if isinstance(builder, str) else builder
+        app = build()
+        if inspect.isawaitable(app):
+            app = await app
+        if app is None or not callable(app):
+            raise TypeError(f"The app builder of ingress class '{cls.__name__}' "
+                            f"({getattr(build, '__qualname__', build)!r}) must return an ASGI "
+                            f"app, got {app!r}.")
+    if app is not None:
+        _answer_unavailable_with_503(app)
+    return app
+
+
+def _answer_unavailable_with_503(app: Any) -> None:
+    """As in Ray Serve, a handle call in a route that fails for want of capacity is a 503
+    (the app's own error handling would make it a 500)."""
+    handlers = getattr(app, "exception_handlers", None)
+    if not isinstance(handlers, dict) or not hasattr(app, "add_exception_handler"):
+        return
+    from .._core.errors import BackPressureError, DeploymentUnavailableError
+
+    app.exception_handlers = dict(handlers)  # this replica's own, not the shared app's
+    for exc_class in (BackPressureError, DeploymentUnavailableError):
+        if exc_class not in handlers:  # the user's own handler wins
+            app.add_exception_handler(exc_class, _unavailable_response)
+
+
+def _unavailable_response(request: Any, exc: Exception) -> Any:
+    from starlette.responses import PlainTextResponse
+
+    status = getattr(exc, "status_code", 503)
+    return PlainTextResponse(str(exc), status_code=status)
 
 
 def bind_ingress_app(instance: Any) -> Any:

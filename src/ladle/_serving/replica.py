@@ -10,6 +10,7 @@ a request and everything it called, the system calls the controller uses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import os
@@ -21,17 +22,16 @@ from typing import Any
 import cloudpickle
 
 from .._core import context as _context
-from .._core.errors import RequestCancelledError
+from .._core.errors import LadleError, RequestCancelledError
 from .._core.transport import ReplySink, RunningRequest
 from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
 from .._core.snapshots import hub
 from . import control_link
 from .asgi import (
-    APP_ATTR,
     AppLifespan,
     HTTP_METHOD,
     WEBSOCKET_METHOD,
-    bind_ingress_app,
+    build_ingress_app,
     serve_http,
     serve_websocket,
 )
@@ -77,7 +77,8 @@ class Replica:
         # loop for it only while something waits for a slot or for idleness (a drain).
         self._done_in_threads: deque[None] = deque()
         self._draining = 0
-        self._sync_call: Any = None  # the plain sync __call__ HTTP goes to, once known
+        # The plain sync __call__ HTTP goes to, (fn, takes_request), once known; False: none.
+        self._sync_call: Any = None
         self._user: UserCallable | None = None
         self._threads = ThreadRunner(max(4, spec.max_ongoing_requests + 2), "ladle-replica")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,12 +143,15 @@ class Replica:
             if inspect.isawaitable(obj):  # an async factory
                 obj = await obj
         self._user = UserCallable(obj, spec.is_function, spec.deployment_id.name, self._threads)
-        if not spec.is_function and hasattr(type(obj), APP_ATTR):
-            app = bind_ingress_app(obj)
+        app = None if spec.is_function else await build_ingress_app(obj)
+        if app is not None:
             lifespan = AppLifespan(app)  # the app's startup and shutdown, as under uvicorn
             await lifespan.startup()
             self._lifespan = lifespan
             self._user.asgi_app = lifespan.serving(app)
+        else:
+            with contextlib.suppress(LadleError):  # no __call__: each request reports it
+                self._user.http_entrypoint()  # its signature, read once here
         self._install_context(obj)
         if spec.user_config is not None:
             await self._reconfigure(spec.user_config)
@@ -191,25 +195,27 @@ class Replica:
         """Start an HTTP request in a worker thread from start to finish, when the
         deployment is plain with a sync ``__call__``, the transport lets a worker
         answer, and a slot is free; else None (the general path)."""
-        fn = self._sync_call
-        if fn is None:
+        entry = self._sync_call
+        if entry is None:
             user = self._user
             if user is None or user.asgi_app is not None:
                 return None
             try:
-                fn, kind = user.method("__call__")
+                fn, kind, takes_request = user.http_entrypoint()
             except Exception:
                 return None  # the general path reports it
+            entry = (fn, takes_request)
             if kind != SYNC or self._max_ongoing > _THREAD_ANSWERS_UP_TO:
-                fn = False
-            self._sync_call = fn
-        if fn is False or not hasattr(sink, "finish_from_thread") or not self._take_free_slot():
+                entry = False
+            self._sync_call = entry
+        if entry is False or not hasattr(sink, "finish_from_thread") or not self._take_free_slot():
             return None
         request = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name,
                                           meta[2])
         ctx = self._base_context.copy()
         ctx.run(_context.set_request, request)
-        call = SyncHttpCall(self, sink, args[0], args[1], args[2], fn, ctx, request)
+        call = SyncHttpCall(self, sink, args[0], args[1], args[2], entry[0], entry[1], ctx,
+                            request)
         self._threads.submit(call.run)
         return call
 

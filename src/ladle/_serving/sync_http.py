@@ -36,18 +36,19 @@ _claim_lock = threading.Lock()
 class SyncHttpCall:
     """One such request; stands in for its task on the connection (``cancel``)."""
 
-    __slots__ = ("_replica", "_sink", "_packed", "_body", "_debug", "_fn", "_ctx", "_request",
-                 "_claimed", "_task")
+    __slots__ = ("_replica", "_sink", "_packed", "_body", "_debug", "_fn", "_takes_request",
+                 "_ctx", "_request", "_claimed", "_task")
 
     def __init__(self, replica: Replica, sink: Any, packed_scope: tuple[Any, ...], body: bytes,
-                 debug: bool, fn: Callable[..., Any], ctx: contextvars.Context,
-                 request: _context.RequestContext) -> None:
+                 debug: bool, fn: Callable[..., Any], takes_request: bool,
+                 ctx: contextvars.Context, request: _context.RequestContext) -> None:
         self._replica = replica
         self._sink = sink
         self._packed = packed_scope
         self._body = body
         self._debug = debug
         self._fn = fn
+        self._takes_request = takes_request
         self._ctx = ctx
         self._request = request
         self._claimed = False
@@ -66,7 +67,10 @@ class SyncHttpCall:
         scope = http_scope(self._packed)
         receive = body_receiver(self._body)
         try:
-            result = self._ctx.run(self._fn, request_class()(scope, receive))
+            if self._takes_request:
+                result = self._ctx.run(self._fn, request_class()(scope, receive))
+            else:
+                result = self._ctx.run(self._fn)
         except BaseException as exc:
             self._to_loop(scope, receive, None, exc)
             return

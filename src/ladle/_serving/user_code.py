@@ -50,6 +50,8 @@ class UserCallable:
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
         # The ASGI app of an ingress deployment, bound to this instance.
         self.asgi_app: Any = None
+        # What HTTP requests call on a plain deployment (see http_entrypoint).
+        self._http_entrypoint: tuple[Callable[..., Any], int, bool] | None = None
 
     def method(self, name: str) -> tuple[Callable[..., Any], int]:
         found = self._methods.get(name)
@@ -75,6 +77,18 @@ class UserCallable:
                 raise LadleError(f"Tried to call a method '{name}' that does not exist on "
                                  f"deployment '{self._name}'. Available methods: {available}.")
         return fn, method_kind(fn)
+
+    def http_entrypoint(self) -> tuple[Callable[..., Any], int, bool]:
+        """``__call__`` as HTTP calls it: ``(fn, kind, takes_request)``.
+
+        Like Ray Serve, an entrypoint declared without parameters is called
+        with none; any other gets the ``Request``.  Its signature is read once.
+        """
+        found = self._http_entrypoint
+        if found is None:
+            fn, kind = self.method("__call__")
+            found = self._http_entrypoint = (fn, kind, _takes_parameters(fn))
+        return found
 
     async def call(self, fn: Callable[..., Any], kind: int, args: tuple[Any, ...],
                    kwargs: dict[str, Any], method: str) -> Any:
@@ -119,6 +133,13 @@ class UserCallable:
                 "was called with `handle.options(stream=True)`. Remove `stream=True` or make "
                 "the method a generator (`yield`).")
         sink.end()
+
+
+def _takes_parameters(fn: Callable[..., Any]) -> bool:
+    try:
+        return len(inspect.signature(fn).parameters) > 0
+    except (TypeError, ValueError):  # no signature to read (some builtins): pass the request
+        return True
 
 
 def _stream_hint(method: str, name: str) -> str:
