@@ -353,7 +353,7 @@ def test_http_options_defaults() -> None:
     options = HTTPOptions()
     assert (options.host, options.port, options.location) == ("127.0.0.1", 8000, ProxyLocation.HeadOnly)
     assert options.middlewares == [] and options.request_timeout_s is None and options.root_path == ""
-    assert (options.keep_alive_timeout_s, options.max_request_body_bytes) == (5.0, 100 * 1024 * 1024)
+    assert (options.keep_alive_timeout_s, options.max_request_body_bytes) == (90.0, 100 * 1024 * 1024)
     assert options.debug is False
     assert HTTPOptions().middlewares is not options.middlewares
 

@@ -100,7 +100,11 @@ class HTTPOptions(_Model):
     """Options of the HTTP proxy, as passed to ``serve.start(http_options=...)``.
 
     Mirrors ``ray.serve.config.HTTPOptions``. ``location`` takes a ProxyLocation
-    or its name; ``"NoServer"`` and None turn HTTP off.
+    or its name; ``"NoServer"`` and None turn HTTP off, and so does ``host=None``.
+    ``root_path`` is where an upstream proxy that strips it mounts ladle:
+    requests arrive without it and apps see it in their scope.
+    ``ssl_keyfile`` with ``ssl_certfile`` serve HTTPS (``ssl_keyfile_password``
+    unlocks the key; ``ssl_ca_certs`` is loaded as uvicorn, and so Ray, loads it).
 
     Example:
         >>> HTTPOptions(host="0.0.0.0", port=8080, request_timeout_s=30)
@@ -108,13 +112,19 @@ class HTTPOptions(_Model):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    host: str = "127.0.0.1"
+    host: str | None = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     location: Annotated[ProxyLocation, BeforeValidator(normalize_proxy_location)] = ProxyLocation.HeadOnly
     middlewares: list[Any] = Field(default_factory=list)
     request_timeout_s: float | None = Field(default=None, gt=0)
     root_path: str = ""
-    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    root_url: str = ""
+    keep_alive_timeout_s: float = Field(default=90.0, gt=0)
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
+    num_cpus: int = 0
     max_request_body_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     debug: bool = False
 
@@ -124,6 +134,22 @@ class HTTPOptions(_Model):
         if value and (not value.startswith("/") or value.endswith("/")):
             raise ValueError(f"root_path must be '' or start with '/' and not end with '/', got {value!r}")
         return value
+
+    @field_validator("num_cpus")
+    @classmethod
+    def _check_num_cpus(cls, value: int) -> int:
+        if value:
+            raise ValueError(f"num_cpus must be 0: the proxy reserves no CPUs (as in Ray Serve), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_and_host(self) -> HTTPOptions:
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ValueError("Both ssl_keyfile and ssl_certfile must be provided together to enable HTTPS.")
+        if self.host is None and self.location != ProxyLocation.Disabled:
+            # Ray Serve's rule: no host, no proxy.  Not validate_assignment's way, which would recurse.
+            object.__setattr__(self, "location", ProxyLocation.Disabled)
+        return self
 
 
 class gRPCOptions(_Model):  # noqa: N801 - Ray's name

@@ -33,6 +33,7 @@ from .._serving import control_link
 from .._serving.handle import DeploymentHandle
 from .._serving.router import close_routers
 from .._serving.proxy import ProxyConfig
+from .._serving.tls import TlsFiles
 from .config import (
     DEFAULT_ROUTE_PREFIX_UNSET,
     HTTPOptions,
@@ -136,7 +137,8 @@ def _start_embedded(local_testing: bool, http: HTTPOptions | None) -> EmbeddedCl
         except LadleError:
             await controller.shutdown()
             raise
-        logger.info("HTTP proxy listening on http://%s:%d", options.host, port)
+        logger.info("HTTP proxy listening on %s://%s:%d",
+                    "https" if options.ssl_certfile else "http", options.host, port)
         return controller
 
     controller = asyncio.run_coroutine_threadsafe(boot(), loop).result()
@@ -181,11 +183,13 @@ def proxy_config(options: HTTPOptions) -> ProxyConfig:
                             f"objects, got {middleware!r}.")
         middlewares.append((middleware.cls, tuple(middleware.args), dict(middleware.kwargs)))
     return ProxyConfig(
-        host=options.host, port=options.port, root_path=options.root_path,
+        host=options.host or "", port=options.port, root_path=options.root_path,
         request_timeout_s=options.request_timeout_s,
         keep_alive_timeout_s=options.keep_alive_timeout_s,
         max_request_body_bytes=options.max_request_body_bytes, middlewares=tuple(middlewares),
-        debug=options.debug or settings().debug, access_log=settings().http_access_log)
+        debug=options.debug or settings().debug, access_log=settings().http_access_log,
+        tls=TlsFiles(options.ssl_certfile, options.ssl_keyfile or "", options.ssl_keyfile_password,
+                     options.ssl_ca_certs) if options.ssl_certfile else None)
 
 
 def start(*, http_options: Any = None, proxy_location: Any = None, detached: bool = False,

@@ -59,13 +59,21 @@ def set_replica(ctx: ReplicaContext | None) -> None:
     _replica_context.set(ctx)
 
 
-_id_prefix = os.urandom(6).hex()
+def _uuid4_prefix() -> str:
+    """The first four groups of a UUID 4 (version and variant bits set), random."""
+    digits = os.urandom(10).hex()
+    return (f"{digits[:8]}-{digits[8:12]}-4{digits[12:15]}-"
+            f"{'89ab'[int(digits[15], 16) & 3]}{digits[16:19]}-")
+
+
+_id_prefix = _uuid4_prefix()
 _id_counter = itertools.count(1)
 
 
 def new_request_id() -> str:
-    """Unique across processes: a random per-process prefix and a counter."""
-    return f"{_id_prefix}{next(_id_counter):08x}"
+    """Unique across processes: a random per-process prefix and a counter, shaped as
+    a UUID 4 string like Ray Serve's request ids (which clients may parse)."""
+    return f"{_id_prefix}{next(_id_counter):012x}"
 
 
 # Multiplexed models loaded in this replica; the replica installs a listener so

@@ -154,10 +154,10 @@ _ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 
 def http_scope(packed: tuple[Any, ...]) -> dict[str, Any]:
     """The ASGI scope of a request the proxy packed (``ProxyApp.child_scope``)."""
-    http_version, method, path, raw_path, query_string, headers, client, server, root_path = (
-        packed)
+    (http_version, method, path, raw_path, query_string, headers, client, server, root_path,
+     scheme) = packed
     return {"type": "http", "asgi": dict(_ASGI_VERSION), "http_version": http_version,
-            "method": method, "scheme": "http", "path": path, "raw_path": raw_path,
+            "method": method, "scheme": scheme, "path": path, "raw_path": raw_path,
             "query_string": query_string, "headers": headers, "client": client,
             "server": server, "root_path": root_path}
 

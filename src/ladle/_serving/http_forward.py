@@ -17,7 +17,7 @@ from typing import Any
 from .._core.errors import LadleError, RequestCancelledError
 from .asgi import HTTP_METHOD, reason_phrase
 from .http_server import HttpProtocol, ParsedRequest, simple_response, status_line
-from .proxy import Early, ProxyApp
+from .proxy import Early, ProxyApp, timed_out_text
 from .router import SENT, Router, Request as RoutedRequest
 from .streams import STREAM_WINDOW
 
@@ -39,7 +39,9 @@ class Forwarder:
         triaged = app.triage(request.path, request.headers, request.http_version)
         if isinstance(triaged, Early):
             status, body, media_type = triaged.status, triaged.body, triaged.media_type
-            conn.write(simple_response(status, body, media_type, close=not request.keep_alive))
+            rid = [(b"x-request-id", triaged.request_id.encode())]
+            conn.write(simple_response(status, body, media_type, rid,
+                                       close=not request.keep_alive))
             conn.finished(request.keep_alive)
             return None
         route, request_id, model_id = triaged
@@ -133,7 +135,8 @@ class HttpExchange:
             self._stop()
             self._conn.close()
         else:
-            self._reply_text(408, "Request timed out.")
+            self._reply_text(408, timed_out_text(self._request_id,
+                                                 self._conn._config.request_timeout_s))
         self._cancel()
 
     def resume(self) -> None:

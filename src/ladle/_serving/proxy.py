@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ from . import control_link
 from .asgi import HTTP_METHOD, WEBSOCKET_METHOD, reason_phrase
 from .handle import DeploymentHandle
 from .router import Router, router_for
+from .tls import TlsFiles, server_context
 
 MODEL_ID_HEADER = b"serve_multiplexed_model_id"
 REQUEST_ID_HEADER = b"x-request-id"
@@ -50,6 +52,7 @@ class ProxyConfig:
     debug: bool = False
     access_log: bool = False
     controller_address: str = ""
+    tls: TlsFiles | None = None  # HTTPS
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,15 +76,16 @@ class _Route:
 
 
 class Early:
-    """A response the proxy gives without a replica."""
+    """A response the proxy gives without a replica (with the request's id, as all are)."""
 
-    __slots__ = ("status", "body", "media_type")
+    __slots__ = ("status", "body", "media_type", "request_id")
 
     def __init__(self, status: int, body: bytes,
                  media_type: bytes = b"text/plain; charset=utf-8") -> None:
         self.status = status
         self.body = body
         self.media_type = media_type
+        self.request_id = ""
 
 
 class ProxyApp:
@@ -89,6 +93,7 @@ class ProxyApp:
 
     def __init__(self, config: ProxyConfig) -> None:
         self._config = config
+        self._scheme = "https" if config.tls is not None else "http"
         self._routes: list[_Route] = []
         self.routes_version = 0
         self._routes_changed = asyncio.Event()
@@ -117,11 +122,6 @@ class ProxyApp:
     def triage(self, path: str, headers: list[tuple[bytes, bytes]],
                http_version: str) -> Early | tuple[_Route, str, str]:
         """Where a request goes: ``(route, request id, model id)``, or an answer."""
-        route_path = self._route_path(path)
-        if route_path is None:
-            return Early(404, f"Path '{path}' not found: every route is under the root "
-                         f"path '{self._config.root_path}'.".encode())
-        path = route_path
         # One pass over the headers: limits, Host, and the two headers ladle reads.
         size = 0
         has_host = False
@@ -134,29 +134,21 @@ class ProxyApp:
                 request_id = value.decode("latin-1")
             elif name == MODEL_ID_HEADER:
                 model_id = value.decode("latin-1")
+        request_id = request_id or _context.new_request_id()
         if size > MAX_HEADER_BYTES:
-            return Early(431, f"Request headers larger than {MAX_HEADER_BYTES} bytes.".encode())
-        if not has_host and http_version == "1.1":
-            return Early(400, b"HTTP/1.1 requests need a Host header.")  # RFC 9112, 3.2
-        if path.startswith("/-/"):
-            return self._builtin(path)
-        route = self._match(path)
-        if route is None:
-            return Early(404, f"Path '{path}' not found. Ping http://.../-/routes for "
-                         "available routes.".encode())
-        return route, request_id or _context.new_request_id(), model_id
-
-    def _route_path(self, path: str) -> str | None:
-        """``path`` without the root path; None if it is not under the root path.
-
-        Ray Serve's root_path: clients address {root_path}{route_prefix}/... and the app
-        sees the full path.  (Not uvicorn's: a prefix an upstream proxy stripped.)"""
-        root_path = self._config.root_path
-        if not root_path:
-            return path
-        if path != root_path and not path.startswith(root_path + "/"):
-            return None
-        return path[len(root_path):] or "/"
+            early = Early(431, f"Request headers larger than {MAX_HEADER_BYTES} bytes.".encode())
+        elif not has_host and http_version == "1.1":
+            early = Early(400, b"HTTP/1.1 requests need a Host header.")  # RFC 9112, 3.2
+        elif path.startswith("/-/"):
+            early = self._builtin(path)
+        else:
+            route = self._match(path)
+            if route is not None:
+                return route, request_id, model_id
+            early = Early(404, f"Path '{self._config.root_path}{path}' not found. Ping "
+                          "http://.../-/routes for available routes.".encode())
+        early.request_id = request_id
+        return early
 
     def _child_root_path(self, route: _Route) -> str:
         return self._config.root_path + ("" if route.prefix == "/" else route.prefix)
@@ -164,15 +156,25 @@ class ProxyApp:
     def child_scope(self, http_version: str, method: str, path: str, raw_path: bytes,
                     query_string: bytes, headers: list[tuple[bytes, bytes]],
                     client: Any, server: Any, route: _Route) -> tuple[Any, ...]:
-        """The scope the replica sees, packed (``asgi.http_scope`` unpacks it): the
-        client's, with the root path and the route prefix in ``root_path``."""
+        """The scope the replica sees, packed (``asgi.http_scope`` unpacks it).
+
+        Ray Serve's (and uvicorn's) ``root_path``: an upstream proxy stripped it
+        from the request, so it is put back in front of the path, and it and
+        the route prefix make the app's ``root_path``."""
+        root_path = self._config.root_path
+        if root_path:
+            path = root_path + path
+            raw_path = root_path.encode() + raw_path
         return (http_version, method, path, raw_path, query_string, headers, client, server,
-                self._child_root_path(route))
+                self._child_root_path(route), self._scheme)
 
     def _builtin(self, path: str) -> Early:
-        if path == "/-/healthz":
-            return Early(200, b"success")
-        if path == "/-/routes":
+        if path in ("/-/healthz", "/-/routes"):
+            if not self._routes:
+                # Ray Serve's answer: a load balancer should not send traffic here yet.
+                return Early(503, b"Route table is not populated yet.")
+            if path == "/-/healthz":
+                return Early(200, b"success")
             body = json.dumps({r.prefix: r.deployment_id.app_name for r in self._routes})
             return Early(200, body.encode(), b"application/json")
         return Early(404, f"Path '{path}' not found.".encode())
@@ -188,7 +190,8 @@ class ProxyApp:
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         triaged = self.triage(scope["path"], scope["headers"], scope.get("http_version", "1.1"))
         if isinstance(triaged, Early):
-            await _send_bytes(send, triaged.status, triaged.body, triaged.media_type)
+            await _send_bytes(send, triaged.status, triaged.body, triaged.media_type,
+                              triaged.request_id)
             return
         route, request_id, model_id = triaged
         # request_timeout_s bounds the whole request, a client trickling its body included.
@@ -202,7 +205,8 @@ class ProxyApp:
                 async with asyncio.timeout_at(deadline):
                     body = await self._read_body(receive, send)
             except TimeoutError:
-                await _send_text(send, 408, "Request timed out.", close=True)
+                await _send_text(send, 408, timed_out_text(request_id, timeout_s), request_id,
+                                 close=True)
                 return
         if body is None:
             return
@@ -228,17 +232,22 @@ class ProxyApp:
             except TimeoutError:
                 gen.cancel()
                 if not started[0]:
-                    await _send_text(send, 408, "Request timed out.", request_id)
+                    await _send_text(send, 408, timed_out_text(request_id, timeout_s),
+                                     request_id)
 
     def _ws_child_scope(self, scope: dict[str, Any], route: _Route) -> dict[str, Any]:
         child = {key: scope[key] for key in _SCOPE_KEYS if key in scope}
         child["headers"] = list(scope["headers"])
         child["root_path"] = self._child_root_path(route)
+        root_path = self._config.root_path
+        if root_path:  # as for HTTP (child_scope)
+            child["path"] = root_path + scope["path"]
+            child["raw_path"] = root_path.encode() + (scope.get("raw_path") or
+                                                       scope["path"].encode())
         return child
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        route_path = self._route_path(scope["path"])
-        route = None if route_path is None else self._match(route_path)
+        route = self._match(scope["path"])
         if route is None:
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -389,6 +398,10 @@ async def _send_bytes(send: Any, status: int, body: bytes, media_type: bytes,
     await send({"type": "http.response.body", "body": body})
 
 
+def timed_out_text(request_id: str, timeout_s: float | None) -> str:
+    return f"Request {request_id} timed out after {timeout_s}s."
+
+
 def bind_http_socket(host: str, port: int) -> socket.socket:
     """The listening socket, or an error that names the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -414,6 +427,7 @@ class Proxy:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._stopped: asyncio.Event | None = None
         self._app: ProxyApp | None = None
+        self._ssl: ssl.SSLContext | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -434,6 +448,8 @@ class Proxy:
 
     def _build(self) -> tuple[Any, socket.socket]:
         config = self.config
+        if config.tls is not None:
+            self._ssl = server_context(config.tls)  # bad files fail serve.start, not a client
         if config.controller_address:
             control_link.install(config.controller_address, background_loop())
             hub.closed = None
@@ -454,7 +470,8 @@ class Proxy:
             proxy_headers=False,
             # uvicorn hands this to loop.call_later, so a fraction of a second works.
             timeout_keep_alive=cast(int, config.keep_alive_timeout_s),
-            log_level="warning", server_header=False)
+            log_level="warning", server_header=False,
+            **(config.tls.uvicorn_options() if config.tls is not None else {}))
 
     async def _run_own_server(self, asgi: Any, sock: socket.socket) -> None:
         """The fast path: ladle's own HTTP/1.1 server; uvicorn only for WebSockets."""
@@ -468,7 +485,7 @@ class Proxy:
         state = HttpServerState(Forwarder(self._app, self.config.debug), self.config,
                                 _websocket_upgrader(uv_config))
         server = await loop.create_server(lambda: HttpProtocol(state, MAX_HEADER_BYTES),
-                                          sock=sock, backlog=2048)
+                                          sock=sock, backlog=2048, ssl=self._ssl)
         self._ready.set_result({"pid": os.getpid(), "port": sock.getsockname()[1]})
         await self._stopped.wait()
         # Stop accepting, let requests in progress finish (bounded), then close.
