@@ -423,11 +423,15 @@ def bind_ingress_app(instance: Any) -> Any:
     if hasattr(private, "openapi_schema") and hasattr(private, "setup"):
         # FastAPI's /openapi.json and /docs routes close over the app they were made
         # for: make them again for the copy, so the schema shows the bound routes.
+        # In their places: FastAPI adds them first, before routes like "/{name}".
         generated = {getattr(app, attr, None) for attr in
                      ("openapi_url", "docs_url", "redoc_url", "swagger_ui_oauth2_redirect_url")}
-        router.routes = [r for r in bound_routes if getattr(r, "path", None) not in generated]
+        router.routes = []
         private.openapi_schema = None
         private.setup()
+        remade = {getattr(r, "path", None): r for r in router.routes}
+        router.routes = [remade.get(getattr(r, "path", None), r)
+                         if getattr(r, "path", None) in generated else r for r in bound_routes]
     return private
 
 
