@@ -95,6 +95,7 @@ class ProxyApp:
         self._config = config
         self._scheme = "https" if config.tls is not None else "http"
         self._routes: list[_Route] = []
+        self._ever_routed = False  # a route has existed (Ray Serve's "route table populated")
         self.routes_version = 0
         self._routes_changed = asyncio.Event()
 
@@ -102,6 +103,7 @@ class ProxyApp:
         # Longest prefix first, so the first match is the best one.
         self._routes = [_Route(prefix, dep) for prefix, dep in
                         sorted(table.routes, key=lambda r: -len(r[0]))]
+        self._ever_routed = self._ever_routed or bool(self._routes)
         self.routes_version = max(self.routes_version, table.version)
         self._routes_changed.set()
 
@@ -170,8 +172,9 @@ class ProxyApp:
 
     def _builtin(self, path: str) -> Early:
         if path in ("/-/healthz", "/-/routes"):
-            if not self._routes:
-                # Ray Serve's answer: a load balancer should not send traffic here yet.
+            if not self._ever_routed:
+                # Ray Serve's answer: a load balancer should not send traffic here yet
+                # (once ready, it stays so: an app may come back at any time).
                 return Early(503, b"Route table is not populated yet.")
             if path == "/-/healthz":
                 return Early(200, b"success")
