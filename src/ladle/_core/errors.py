@@ -65,7 +65,9 @@ class DeploymentUnavailableError(LadleError):
 class ReplicaDiedError(LadleError):
     """The replica running the request died before answering."""
 
-    status_code = 503
+    # As Ray Serve answers a request whose replica died in it (a server error, which
+    # retrying may or may not fix; 503 means "not here yet, come back").
+    status_code = 500
 
 
 class RequestCancelledError(LadleError):
