@@ -119,8 +119,9 @@ def test_locations_with_one_proxy(options: dict[str, Any]) -> None:
     {"proxy_location": "NoServer"},
     {"proxy_location": ProxyLocation.Disabled},
     {"http_options": {"port": 0, "location": "HeadOnly"}, "proxy_location": "Disabled"},
+    {"http_options": {"host": None}},
 ], ids=["NoServer", "None", "Disabled", "proxy_location", "proxy_location-enum",
-        "proxy_location-wins"])
+        "proxy_location-wins", "no-host"])
 def test_locations_without_http(options: dict[str, Any]) -> None:
     serve.start(**options)
     handle = serve.run(Echo.bind(), route_prefix="/echo")
