@@ -120,8 +120,9 @@ def test_locations_with_one_proxy(options: dict[str, Any]) -> None:
     {"proxy_location": ProxyLocation.Disabled},
     {"http_options": {"port": 0, "location": "HeadOnly"}, "proxy_location": "Disabled"},
     {"http_options": {"host": None}},
+    {"http_options": {"host": None}, "proxy_location": "HeadOnly"},
 ], ids=["NoServer", "None", "Disabled", "proxy_location", "proxy_location-enum",
-        "proxy_location-wins", "no-host"])
+        "proxy_location-wins", "no-host", "no-host-wins"])
 def test_locations_without_http(options: dict[str, Any]) -> None:
     serve.start(**options)
     handle = serve.run(Echo.bind(), route_prefix="/echo")

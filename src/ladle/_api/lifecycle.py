@@ -126,7 +126,7 @@ def _start_embedded(local_testing: bool, http: HTTPOptions | None) -> EmbeddedCl
         controller = Controller(backend)
         await controller.start()
         options = http or HTTPOptions()
-        if local_testing or options.location == ProxyLocation.Disabled:
+        if local_testing or options.location == ProxyLocation.Disabled or not options.host:
             return controller
         if http is None:
             # Not asked for: don't make serve.run wait for it, nor fail without it.
