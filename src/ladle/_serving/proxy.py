@@ -5,7 +5,8 @@ Each request is matched to the application with the longest route prefix
 application's ingress deployment through an ordinary router; the replica's
 response comes back as a stream of ASGI messages.  The proxy serves HTTP
 itself (``http_server.py``, ``http_forward.py``), or through uvicorn and
-``ProxyApp``'s ASGI interface when the user configures middlewares.  User
+``ProxyApp``'s ASGI interface when the user configures middlewares; either
+way over TLS when ``http_options`` give a certificate (``tls.py``).  User
 code never runs here, and nothing a client sends is ever unpickled: the
 proxy only pickles the scope and body it built itself.
 """
