@@ -179,7 +179,8 @@ class ProxyApp:
                 return Early(503, b"Route table is not populated yet.")
             if path == "/-/healthz":
                 return Early(200, b"success")
-            body = json.dumps({r.prefix: r.deployment_id.app_name for r in self._routes})
+            body = json.dumps({r.prefix: r.deployment_id.app_name for r in self._routes},
+                              separators=(",", ":"))  # compact, as Ray Serve writes it
             return Early(200, body.encode(), b"application/json")
         return Early(404, f"Path '{path}' not found.".encode())
 
