@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import select
+import signal
 import socket
 import subprocess
 import time
@@ -14,6 +15,12 @@ import psutil
 import pytest
 
 from ladle import serve
+
+# Tests send SIGINT (Ctrl-C) to the examples and commands they start.  A test run
+# started in the background by a script (`pytest &`) ignores SIGINT, as POSIX shells
+# do to background jobs, and its children would inherit that and never stop.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.02,
