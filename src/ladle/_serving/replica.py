@@ -37,7 +37,7 @@ from .asgi import (
 )
 from .sync_http import SyncHttpCall
 from .threads import ThreadRunner
-from .user_code import ASYNC, SYNC, UserCallable
+from .user_code import ASYNC, SYNC, UserCallable, is_generator, returned_generator
 
 
 # Up to this max_ongoing_requests, a worker thread answers a sync HTTP call itself
@@ -305,6 +305,8 @@ class Replica:
             fn, kind = user.method(meta[1])
             if kind == ASYNC:
                 value = await fn(*args, **kwargs)
+                if is_generator(value):  # an async method that returns a generator
+                    raise TypeError(returned_generator(user.label(meta[1])))
             else:
                 value = await user.call(fn, kind, args, kwargs, meta[1])
             try:
@@ -316,7 +318,7 @@ class Replica:
                 ) from exc
         except asyncio.CancelledError:
             _cancel_children(ctx)
-            sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))
+            sink.error(RequestCancelledError(meta[0]))
             raise
         except BaseException as exc:
             sink.error(exc)
@@ -345,7 +347,7 @@ class Replica:
                 await user.stream(fn, kind, args, kwargs, sink, meta[1])
         except asyncio.CancelledError:
             _cancel_children(ctx)
-            sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))
+            sink.error(RequestCancelledError(meta[0]))
             raise
         except BaseException as exc:
             sink.error(exc)

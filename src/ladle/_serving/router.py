@@ -130,13 +130,13 @@ class Router:
                 self._queue.remove(req)
             except ValueError:
                 pass
-            req.fail(RequestCancelledError("The request was cancelled before it was assigned."))
+            req.fail(RequestCancelledError(req.meta[0]))
         elif req.state == SENT:
             req.state = DONE
             slot = req.slot
             if slot is not None and slot.remote is not None:
                 slot.remote.cancel(req.key)
-            req.fail(RequestCancelledError("The request was cancelled."))
+            req.fail(RequestCancelledError(req.meta[0]))
 
     def send_input(self, req: Request, item: Any) -> None:
         """Deliver ``item`` into a running request (queued until it is assigned)."""

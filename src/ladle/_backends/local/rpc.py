@@ -584,9 +584,9 @@ class ServerConnection(_FramedProtocol):
                     # A task cancelled before its first step (or while waiting for a slot)
                     # never reaches its own handler; the client waits for an answer.
                     task.add_done_callback(lambda _: reply.error(  # no-op if it answered
-                        RequestCancelledError("The request was cancelled.")))
+                        RequestCancelledError()))
                 else:
-                    reply.error(RequestCancelledError("The request was cancelled."))
+                    reply.error(RequestCancelledError())
         elif kind == CREDIT:
             (credit,) = U32.unpack(payload)  # exactly 4 bytes, or the peer is dropped
             target = self._requests.get(key)
