@@ -30,7 +30,9 @@ def method_kind(fn: Callable[..., Any]) -> int:
     target = fn
     if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn):
         target = getattr(fn, "__call__", fn)
-    if inspect.isasyncgenfunction(target):
+    # A sync function that must run on the loop and returns an async generator
+    # says so with this attribute (a streaming @serve.batch entry point).
+    if inspect.isasyncgenfunction(target) or getattr(target, "__ladle_async_generator__", False):
         return ASYNC_GEN
     if inspect.iscoroutinefunction(target):
         return ASYNC
