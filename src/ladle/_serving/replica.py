@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import logging
 import os
 import sys
 from collections import deque
@@ -39,12 +40,15 @@ from .sync_http import SyncHttpCall
 from .threads import ThreadRunner
 from .user_code import ASYNC, SYNC, UserCallable, is_generator, returned_generator
 
+logger = logging.getLogger("ladle")
 
 # Up to this max_ongoing_requests, a worker thread answers a sync HTTP call itself
 # (sync_http.py): with few slots each request's round trip bounds throughput, and
 # that saves the loop a wake-up.  With more, the loop answers in batches, which
 # costs less per request (bench/README.md, "A worker thread answers").
 _THREAD_ANSWERS_UP_TO = 8
+# How long a stopping replica waits for the handle calls its cleanup made.
+_CLEANUP_CALLS_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Replica:
         self._idle: asyncio.Event | None = None
         self._model_ids: frozenset[str] = frozenset()
         self._lifespan: AppLifespan | None = None
+        self._stop_hooks: list[Any] = []
         self._base_context = contextvars.copy_context()
 
     # ---------------------------------------------------------------- lifecycle
@@ -129,6 +134,7 @@ class Replica:
         finally:
             if self._lifespan is not None:
                 await self._lifespan.shutdown()
+            await self._run_stop_hooks()
             self._threads.shutdown()
 
     async def _build(self) -> None:
@@ -156,6 +162,31 @@ class Replica:
         if spec.user_config is not None:
             await self._reconfigure(spec.user_config)
 
+    async def _run_stop_hooks(self) -> None:
+        """Await what asked to run as the replica stops (multiplexed models unload), then
+        the handle calls they made: cleanup code often reports with a call it does not
+        await (Ray's examples do), which would otherwise die with the process."""
+        hooks, self._stop_hooks[:] = list(self._stop_hooks), []
+        if not hooks:
+            return
+        cleanup = _context.RequestContext(app_name=self.spec.deployment_id.app_name)
+        token = _context.set_request(cleanup)
+        try:
+            for hook in hooks:
+                try:
+                    await hook()
+                except Exception:
+                    logger.exception("cleanup of deployment '%s' failed",
+                                     self.spec.deployment_id.name)
+        finally:
+            _context.reset_request(token)
+        calls = [asyncio.ensure_future(_settle(c)) for c in cleanup.children or ()
+                 if inspect.isawaitable(c)]
+        if calls:
+            await asyncio.wait(calls, timeout=_CLEANUP_CALLS_TIMEOUT_S)
+            for call in calls:
+                call.cancel()
+
     def _install_context(self, servable: Any) -> None:
         """Set what user code reads from context, and keep it for request tasks."""
         spec = self.spec
@@ -163,6 +194,7 @@ class Replica:
             app_name=spec.deployment_id.app_name, deployment=spec.deployment_id.name,
             replica_tag=spec.replica_id, replica_id=spec.replica_id, servable_object=servable))
         _context.set_model_ids_listener(self._on_model_ids)
+        _context.set_stop_hooks(self._stop_hooks)
         self._base_context = contextvars.copy_context()
 
     def _on_model_ids(self, model_ids: frozenset[str]) -> None:
@@ -447,6 +479,13 @@ def _apply_runtime_env(extras: dict[str, Any]) -> None:
     for entry in reversed(extras.get("sys_path") or ()):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+
+
+async def _settle(call: Any) -> None:
+    try:
+        await call
+    except Exception:
+        pass  # the cleanup's own business; the replica is stopping either way
 
 
 def _cancel_children(ctx: _context.RequestContext) -> None:
