@@ -28,12 +28,13 @@ class Signal:
         finally:
             self._waiters -= 1
 
-    def send(self, clear: bool = False) -> None:
+    # async: sync methods run in worker threads, and asyncio.Event is not thread-safe.
+    async def send(self, clear: bool = False) -> None:
         self._event.set()
         if clear:
             self._event = asyncio.Event()
 
-    def num_waiters(self) -> int:
+    async def num_waiters(self) -> int:
         return self._waiters
 
 
@@ -49,10 +50,10 @@ class Waiter:
         self._waiters.append(event)
         await event.wait()
 
-    def unblock_one(self) -> None:
+    async def unblock_one(self) -> None:
         self._waiters.pop().set()
 
-    def num_waiters(self) -> int:
+    async def num_waiters(self) -> int:
         return len(self._waiters)
 
 
@@ -68,3 +69,18 @@ async def async_wait_for_waiters(signal: DeploymentHandle, n: int,
     async with asyncio.timeout(timeout_s):
         while await signal.num_waiters.remote() != n:
             await asyncio.sleep(0.01)
+
+
+async def send_when_cancelled(signal: DeploymentHandle,
+                              started: DeploymentHandle | None = None) -> None:
+    """Wait until cancelled, then ``send()`` on ``signal`` (Ray's
+    ``send_signal_on_cancellation``): the test's proof the cancellation arrived.
+    ``started`` is sent first, from inside the wait, so a cancellation that follows
+    it always lands here."""
+    try:
+        if started is not None:
+            await started.send.remote()
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        await signal.send.remote()
+        raise
