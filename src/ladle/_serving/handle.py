@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .._core.context import current_request, new_request_id
-from .._core.errors import LadleError, RequestCancelledError
+from .._core.errors import RequestCancelledError
 from .._core.loop import background_loop
 from .._core.serialization import snapshot_arguments
 from .._core.types import DeploymentID
+from .by_reference import ObjectRef, Outcome, reduce_nested
 from .router import DONE, QUEUED, Request, Router, router_for
 from .streams import STREAM_WINDOW, StreamBuffer
 
@@ -192,10 +194,12 @@ def _rebuild_handle(name: str, app: str, options: _HandleOptions) -> DeploymentH
 
 
 def _check_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """True if some argument is a DeploymentResponse to resolve first."""
+    """True if some argument is a DeploymentResponse (or ObjectRef) to resolve first."""
     found = False
     for value in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(value, _ResponseBase):
+        if type(value) is ObjectRef:
+            found = True
+        elif isinstance(value, _ResponseBase):
             if isinstance(value, DeploymentResponseGenerator):
                 raise GeneratorCompositionError(
                     "Streaming deployment handle results cannot be passed to downstream "
@@ -219,9 +223,8 @@ def _start(router: Router, req: Request, response: _ResponseBase, needs_resolvin
 
 async def _resolve_then_assign(router: Router, req: Request) -> None:
     try:
-        args = tuple([await v if isinstance(v, DeploymentResponse) else v for v in req.args])
-        kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v)
-                  for k, v in req.kwargs.items()}
+        args = tuple([await v if isinstance(v, _RESOLVED) else v for v in req.args])
+        kwargs = {k: (await v if isinstance(v, _RESOLVED) else v) for k, v in req.kwargs.items()}
     except asyncio.CancelledError:
         if req.state != DONE:
             req.fail(RequestCancelledError(req.meta[0]))
@@ -302,11 +305,6 @@ class _ResponseBase:
         """Ray's flag for responses that can become object references; always True."""
         return True
 
-    def __reduce__(self) -> Any:
-        raise LadleError(
-            f"{type(self).__name__} cannot be serialized. To pass one to another "
-            "deployment, pass it as a top-level argument of `.remote()` (not inside a "
-            "list or dict), or `await` it first.")
 
 
 class DeploymentResponse(_ResponseBase):
@@ -379,6 +377,28 @@ class DeploymentResponse(_ResponseBase):
                 raise RequestCancelledError(self.request_id) from None
             raise
 
+    def __reduce__(self) -> Any:
+        # Nested in another call's arguments: passed by reference (by_reference.py).
+        return reduce_nested(self)
+
+    def _on_done(self, callback: Callable[[Outcome], None]) -> None:
+        """Call ``callback(outcome)`` once the result is in (on whichever thread)."""
+        fut = self._req.target
+        request_id = self.request_id
+
+        def deliver(done: Any) -> None:
+            try:
+                callback((True, _outcome(done, request_id)))
+            except Exception as exc:
+                callback((False, exc))
+
+        if fut.done():
+            deliver(fut)
+        elif self._threaded or _get_running_loop() is self._loop:
+            fut.add_done_callback(deliver)
+        else:
+            self._loop.call_soon_threadsafe(fut.add_done_callback, deliver)
+
     def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> Any:
         """Block until the result is ready (not from inside an event loop).
 
@@ -450,6 +470,11 @@ class DeploymentResponseGenerator(_ResponseBase):
                         "iteration instead: `for item in response` (outside deployments) or "
                         "`async for item in response` (inside deployments).")
 
+    def __reduce__(self) -> Any:
+        raise GeneratorCompositionError(
+            "Streaming deployment handle results cannot be passed to downstream handle "
+            "calls: iterate the DeploymentResponseGenerator and pass its items instead.")
+
     def __aiter__(self) -> DeploymentResponseGenerator:
         return self
 
@@ -508,5 +533,8 @@ def _bridge_future(fut: Any, loop: asyncio.AbstractEventLoop, threaded: bool = F
     loop.call_soon_threadsafe(fut.add_done_callback, copy)
     return out if threaded else asyncio.wrap_future(out)
 
+
+# Arguments awaited before a call is sent (the top-level ones).
+_RESOLVED = (DeploymentResponse, ObjectRef)
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator", "QUEUED"]

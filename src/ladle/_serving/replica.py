@@ -28,6 +28,7 @@ from .._core.transport import ReplySink, RunningRequest
 from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
 from .._core.snapshots import hub
 from . import control_link
+from .by_reference import RefTable, received, take_received
 from .asgi import (
     AppLifespan,
     HTTP_METHOD,
@@ -205,6 +206,8 @@ class Replica:
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> RunningRequest | None:
         loop = self._loop or self._bind_loop_early()
+        # The references its arguments made as they were unpickled (by_reference.py).
+        refs = take_received() if received else None
         if type(meta) is not tuple or len(meta) != 5:
             # Checked before a slot is taken: a request that fails past that point
             # without reaching its handler would keep the slot forever.
@@ -217,9 +220,9 @@ class Replica:
         if method.startswith(SYSTEM_PREFIX):
             coro = self._system(method, args, kwargs, sink)
         elif meta[3]:
-            coro = self._stream(meta, args, kwargs, sink)
+            coro = self._stream(meta, args, kwargs, sink, refs)
         else:
-            coro = self._unary(meta, args, kwargs, sink)
+            coro = self._unary(meta, args, kwargs, sink, refs)
         return loop.create_task(coro, context=self._base_context.copy())
 
     def _sync_http(self, meta: tuple[Any, ...], args: tuple[Any, ...],
@@ -323,11 +326,12 @@ class Replica:
             self._idle.set()  # type: ignore[union-attr]
 
     async def _unary(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                     sink: ReplySink) -> None:
+                     sink: ReplySink, refs: list[Any] | None) -> None:
         if not self._take_free_slot():  # a coroutine only when the request must wait
             await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
+        table = RefTable(refs, sink) if refs else None
         try:
             user = self._user
             if user is None:
@@ -356,13 +360,16 @@ class Replica:
             sink.error(exc)
         finally:
             self.release()
+            if table is not None:
+                await table.aclose()
 
     async def _stream(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                      sink: ReplySink) -> None:
+                      sink: ReplySink, refs: list[Any] | None) -> None:
         if not self._take_free_slot():  # a coroutine only when the request must wait
             await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
+        table = RefTable(refs, sink) if refs else None
         try:
             if self._user is None:
                 await self._wait_ready()
@@ -385,6 +392,8 @@ class Replica:
             sink.error(exc)
         finally:
             self.release()
+            if table is not None:
+                await table.aclose()
 
     async def _wait_ready(self) -> None:
         assert self._ready is not None
