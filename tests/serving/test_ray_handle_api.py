@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ladle import serve
-from ladle.exceptions import RayServeException
+from ladle.exceptions import HandleClosedError, RayServeException
 from ladle.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from tests.serving.signals import Signal, Waiter, async_wait_for_waiters, wait_for_waiters
 
@@ -284,3 +284,44 @@ def test_response_and_handle_fields() -> None:
     with pytest.raises(ValueError, match="request_serialization"):
         unary.options(request_serialization="yaml")
     assert (unary.deployment_name, unary.app_name) == ("hello", "default")
+
+
+@serve.deployment
+class Quick:
+    def __init__(self, signal: DeploymentHandle) -> None:
+        self._signal = signal
+
+    async def __call__(self, x: int) -> int:
+        return x * 2
+
+    async def blocked(self) -> str:
+        await self._signal.wait.remote()
+        return "released"
+
+
+def test_responses_after_the_loop_that_made_them_ended() -> None:
+    handle = serve.run(Quick.bind(Signal.bind()))
+
+    async def awaited_there() -> DeploymentResponse:
+        response = handle.remote(2)
+        await response
+        return response
+
+    async def left_running() -> DeploymentResponse:
+        response = handle.blocked.remote()
+        await async_wait_for_waiters(serve.get_deployment_handle("Signal", "default"), 1)
+        return response
+
+    # Finished while its loop ran: readable afterwards, from sync code or another loop.
+    done = asyncio.run(awaited_there())
+    assert done.result() == 4
+    assert asyncio.run(_await(done)) == 4
+    # Still running when its loop ended: a clear error (Ray keeps these going).
+    running = asyncio.run(left_running())
+    with pytest.raises(HandleClosedError, match="event loop this request was made in ended"):
+        running.result(timeout_s=10)
+    with pytest.raises(HandleClosedError, match="event loop this request was made in ended"):
+        asyncio.run(_await(running))
+    # The handle itself goes on working, from sync code and from a new loop.
+    assert handle.remote(3).result() == 6
+    assert asyncio.run(_await(handle.remote(4))) == 8

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .._core.context import current_request, new_request_id
-from .._core.errors import RequestCancelledError
+from .._core.errors import HandleClosedError, ReplicaDiedError, RequestCancelledError
 from .._core.loop import background_loop
 from .._core.serialization import snapshot_arguments
 from .._core.types import DeploymentID
@@ -364,9 +364,12 @@ class DeploymentResponse(_ResponseBase):
         elif loop is self._loop:
             waitable = fut
         elif fut.done():  # made in a loop that may have ended since
-            return _outcome(fut, self.request_id)
+            return self._finished()
         else:
-            waitable = _bridge_future(fut, self._loop)
+            try:
+                waitable = _bridge_future(fut, self._loop)
+            except RuntimeError:  # that loop is closed
+                raise HandleClosedError(_LOOP_ENDED) from None
         try:
             return (yield from waitable.__await__())
         except asyncio.CancelledError:
@@ -375,6 +378,16 @@ class DeploymentResponse(_ResponseBase):
                 raise
             if self._cancelled:
                 raise RequestCancelledError(self.request_id) from None
+            raise
+
+    def _finished(self) -> Any:
+        """The outcome of a request that is over, read from any thread."""
+        try:
+            return _outcome(self._req.target, self.request_id)
+        except (ReplicaDiedError, HandleClosedError) as exc:
+            # Its connection went with the loop that made it, not with the replica.
+            if not self._threaded and self._loop.is_closed():
+                raise HandleClosedError(_LOOP_ENDED) from exc
             raise
 
     def __reduce__(self) -> Any:
@@ -417,8 +430,11 @@ class DeploymentResponse(_ResponseBase):
                 "Use `await response` instead.")
         if not self._threaded:
             if fut.done():  # also when the loop that made it has ended since
-                return _outcome(fut, self.request_id)
-            fut = _bridge_future(fut, self._loop, threaded=True)
+                return self._finished()
+            try:
+                fut = _bridge_future(fut, self._loop, threaded=True)
+            except RuntimeError:  # that loop is closed
+                raise HandleClosedError(_LOOP_ENDED) from None
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
@@ -509,6 +525,12 @@ class DeploymentResponseGenerator(_ResponseBase):
             raise RuntimeError("This generator was created in an event loop; "
                                "iterate it with `async for` in that loop.")
         return buffer.next_sync()
+
+
+_LOOP_ENDED = (
+    "The event loop this request was made in ended before its result arrived: a request "
+    "made inside an event loop is sent and answered there. Await it before that loop ends "
+    "(Ray Serve's handles keep such requests going), or make it outside any event loop.")
 
 
 def _outcome(fut: Any, request_id: str) -> Any:
