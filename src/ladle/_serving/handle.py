@@ -420,17 +420,16 @@ class DeploymentResponse(_ResponseBase):
         fut = self._req.target
         if not self._threaded and fut.done():
             # At once, even inside the loop: asyncio (gather, wait_for) reads a finished
-            # future so, and expects CancelledError from a cancelled one.
-            if fut.cancelled() and _get_running_loop() is None:
-                raise RequestCancelledError("The request was cancelled.")
-            return fut.result()
+            # future so, and expects CancelledError from a cancelled one.  Also when the
+            # loop that made it has ended since.
+            if fut.cancelled() and _get_running_loop() is not None:
+                return fut.result()  # raises CancelledError
+            return self._finished()
         if not _skip_asyncio_check and _get_running_loop() is not None:
             raise RuntimeError(
                 "Sync methods should not be called from within an `asyncio` event loop. "
                 "Use `await response` instead.")
         if not self._threaded:
-            if fut.done():  # also when the loop that made it has ended since
-                return self._finished()
             try:
                 fut = _bridge_future(fut, self._loop, threaded=True)
             except RuntimeError:  # that loop is closed
