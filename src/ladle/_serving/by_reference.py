@@ -12,8 +12,8 @@ across processes with nothing but the data plane the request already uses.
 The two ends meet in the pickler: a response pickled while a router serialises
 a request (``register_sender``) is noted on that request and pickles as its
 position in it; the replica, right after unpickling a request, takes the
-references it made (``received``) and binds them to the request (``RefTable``).  Not here:
-top-level resolution (handle.py), the transport.
+references it made (``received``) and binds them to the request
+(``RefTable``).  Not here: top-level resolution (handle.py), the transport.
 """
 
 from __future__ import annotations
