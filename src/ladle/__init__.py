@@ -5,6 +5,8 @@ Map of the package:
   ladle.handle        DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
   ladle.exceptions    the errors ladle raises (root: LadleError == RayServeException)
   ladle.get/wait      ``ray.get``/``ray.wait`` for what handles return
+  ladle.ObjectRef     what a deployment receives for a DeploymentResponse nested in
+                      its arguments (``ray.ObjectRef``'s place): await it, or ladle.get
 Everything under ``ladle._*`` is internal.
 """
 
@@ -14,7 +16,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["get", "wait", "__version__"]
+__all__ = ["ObjectRef", "get", "wait", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from ._api import refs
 
         return getattr(refs, name)
+    if name == "ObjectRef":
+        from ._serving.by_reference import ObjectRef
+
+        return ObjectRef
     raise AttributeError(f"module 'ladle' has no attribute {name!r}")

@@ -4,6 +4,7 @@
     ├── BackPressureError            the caller's queue is full (HTTP 503)
     ├── DeploymentUnavailableError   no replica can take the request (503)
     ├── ReplicaDiedError             the replica died mid-request (503)
+    ├── ReplicaUnavailableError      Ray's name for a chosen replica that is gone (503)
     ├── RequestCancelledError        cancelled by the caller or a timeout
     ├── HandleClosedError            the instance was shut down
     ├── DeploymentFailedError        a deployment could not start
@@ -18,6 +19,7 @@ from ._core.errors import LadleError as LadleError
 from ._core.errors import RayServeException as RayServeException
 from ._core.errors import RemoteError as RemoteError
 from ._core.errors import ReplicaDiedError as ReplicaDiedError
+from ._core.errors import ReplicaUnavailableError as ReplicaUnavailableError
 from ._core.errors import RequestCancelledError as RequestCancelledError
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "RayServeException",
     "RemoteError",
     "ReplicaDiedError",
+    "ReplicaUnavailableError",
     "RequestCancelledError",
 ]

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+import ladle
 from ladle import serve
-from ladle.exceptions import RayServeException
 from ladle.handle import DeploymentHandle
 
 
@@ -52,6 +52,17 @@ class Collect:
         me = serve.get_deployment_handle("Collect", "default")
         return await me.remote(*[self.add.remote(i) for i in range(n)],
                                total=self.mul.remote(n))
+
+    async def resolve(self, *args: Any, **kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
+        async def value(v: Any) -> Any:
+            if isinstance(v, ladle.ObjectRef):
+                return await v
+            if isinstance(v, list):
+                return [await value(x) for x in v]
+            if isinstance(v, dict):
+                return {k: await value(x) for k, x in v.items()}
+            return v
+        return await value(list(args)), await value(kwargs)
 
     async def forward_failure(self, message: str) -> int:
         return await self.mul.remote(self.add.fail.remote(message))
@@ -102,13 +113,15 @@ async def test_passing_responses_in_the_drivers_loop(handles: Any) -> None:
     assert args == list(range(1, 11))
 
 
-def test_response_nested_in_list_or_dict_raises(handles: Any) -> None:
+def test_response_nested_in_list_or_dict_is_passed_by_reference(handles: Any) -> None:
     collect, add, _ = handles
     upstream = add.remote(1)
-    with pytest.raises(RayServeException, match="DeploymentResponse"):
+    assert collect.resolve.remote([upstream], key={"nested": upstream}).result(
+        timeout_s=10) == ([[2]], {"key": {"nested": 2}})
+    # Returned as it came, a reference cannot leave the replica: it stands for a
+    # value the request carries, not for one the caller could fetch.
+    with pytest.raises(TypeError, match="`ObjectRef` is not serializable"):
         collect.remote([upstream]).result(timeout_s=10)
-    with pytest.raises(RayServeException, match="DeploymentResponse"):
-        collect.remote(key={"nested": upstream}).result(timeout_s=10)
     # The upstream response itself is unaffected.
     assert upstream.result(timeout_s=10) == 2
 

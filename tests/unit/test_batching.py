@@ -13,6 +13,7 @@ import pytest
 
 from ladle._api.batching import batch
 from ladle._core import context
+from ladle.exceptions import RayServeException
 
 BIG_S = 30.0  # a wait timeout no test reaches: batches fire because they are full
 
@@ -125,7 +126,7 @@ async def test_exception_reaches_every_caller() -> None:
     await no_tasks_left()
 
 
-async def test_wrong_length_is_runtime_error_for_all() -> None:
+async def test_wrong_length_is_ray_serve_exception_for_all() -> None:
     class Short:
         @batch(max_batch_size=3, batch_wait_timeout_s=BIG_S)
         async def handle(self, xs: list[int]) -> list[int]:
@@ -134,8 +135,9 @@ async def test_wrong_length_is_runtime_error_for_all() -> None:
     s = Short()
     results = await asyncio.gather(*(s.handle(i) for i in range(3)), return_exceptions=True)
     for r in results:
-        assert isinstance(r, RuntimeError)
-        assert "expected a list of length 3" in str(r) and "got length 2" in str(r)
+        assert isinstance(r, RayServeException)
+        assert str(r) == ("Batched function doesn't preserve batch size. The input list has "
+                          "length 3 but the returned list has length 2.")
 
 
 async def test_non_list_result_is_type_error() -> None:
@@ -200,15 +202,23 @@ async def test_set_max_batch_size_is_per_instance() -> None:
     assert second.sizes == [4]
 
 
-async def test_set_batch_wait_timeout_flushes_waiting_batch() -> None:
+async def test_settings_are_fixed_when_a_batch_starts_filling() -> None:
+    # As Ray: changing the settings does not change a batch already filling.
     d = Doubler()
-    waiting = asyncio.create_task(d.handle(5))
+    waiting = [asyncio.create_task(d.handle(i)) for i in range(2)]
     await settle()
-    assert not waiting.done()
     d.handle.set_batch_wait_timeout_s(0)
+    d.handle.set_max_batch_size(1)
+    assert (d.handle._get_max_batch_size(), d.handle._get_batch_wait_timeout_s()) == (1, 0)
+    await settle()
+    assert not any(t.done() for t in waiting)
+    # The batch of four still fills up ...
+    waiting += [asyncio.create_task(d.handle(i)) for i in range(2, 4)]
     async with asyncio.timeout(10):
-        assert await waiting == 10
-    assert d.sizes == [1]
+        assert await gather(*waiting) == [0, 2, 4, 6]
+        # ... and the next one uses the new settings.
+        assert await d.handle(5) == 10
+    assert d.sizes == [4, 1]
 
 
 async def test_setters_validate() -> None:
@@ -268,8 +278,7 @@ async def test_full_batch_of_one_model_does_not_wait_for_an_older_one() -> None:
     await settle()
     assert await gather(call("b", 2), call("b", 3)) == [2, 3]
     assert not lonely.done()
-    handle.set_batch_wait_timeout_s(0)
-    assert await lonely == 1
+    assert await gather(lonely, call("a", 4)) == [1, 4]
 
 
 async def test_streaming_batch_gives_each_caller_its_elements() -> None:
@@ -284,7 +293,6 @@ async def test_streaming_batch_gives_each_caller_its_elements() -> None:
     async def collect(x: int) -> list[int]:
         return [v async for v in s.handle(x)]
 
-    assert inspect.isasyncgenfunction(s.handle)
     assert await gather(collect(1), collect(3), collect(2)) == [[10], [30, 31, 32], [20, 21]]
     await no_tasks_left()
 
@@ -325,12 +333,14 @@ async def test_streaming_consumer_leaving_early_does_not_stall_others() -> None:
     await no_tasks_left()
 
 
-async def test_call_needs_exactly_one_item() -> None:
+async def test_arguments_are_checked_at_the_call() -> None:
     d = Doubler()
-    with pytest.raises(TypeError, match="exactly one item"):
+    with pytest.raises(TypeError, match=r"Doubler.handle\(\): too many positional"):
         await d.handle(1, 2)
-    with pytest.raises(TypeError, match="exactly one item"):
-        await d.handle(other=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'other'"):
+        await d.handle(xs=1, other=1)
+    with pytest.raises(TypeError, match="missing a required argument: 'xs'"):
+        await d.handle()
 
 
 def test_decoration_time_errors() -> None:
@@ -340,27 +350,41 @@ def test_decoration_time_errors() -> None:
     async def method(self: Any, xs: list[int]) -> list[int]:
         return xs
 
-    async def too_many(self: Any, xs: list[int], ys: list[int]) -> list[int]:
-        return xs
+    async def star(*xs: list[int]) -> list[int]:
+        return list(xs)
 
     with pytest.raises(TypeError, match="async def"):
         batch(sync)
-    with pytest.raises(TypeError, match="one list argument"):
-        batch(too_many)
+    with pytest.raises(TypeError, match="async def"):
+        batch(max_batch_size=2)(sync)
+    with pytest.raises(TypeError, match=r"takes \*xs"):
+        batch(star)
+    with pytest.raises(TypeError, match="decorate functions or methods"):
+        batch(3)  # type: ignore[call-overload]
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_batch_size"):
             batch(max_batch_size=bad)
     wrong: Any
-    for wrong in ("3", 2.5, True):
+    for wrong in ("3", 2.5):
         with pytest.raises(TypeError, match="max_batch_size"):
             batch(max_batch_size=wrong)
     with pytest.raises(ValueError, match="batch_wait_timeout_s"):
         batch(batch_wait_timeout_s=-0.1)
     with pytest.raises(TypeError, match="batch_wait_timeout_s"):
         batch(batch_wait_timeout_s="1")  # type: ignore[call-overload]
-    with pytest.raises(ValueError, match="max_concurrent_batches"):
-        batch(max_concurrent_batches=0)
+    for wrong in (0, 1.5):
+        with pytest.raises(TypeError, match="max_concurrent_batches"):
+            batch(max_concurrent_batches=wrong)
+    with pytest.raises(TypeError, match="batch_size_fn"):
+        batch(batch_size_fn=3)  # type: ignore[call-overload]
+    # What Ray accepts: integral floats, no parameters at all, zero timeouts.
+    batch(max_batch_size=2.0)(method)  # type: ignore[call-overload]
     batch(batch_wait_timeout_s=0)(method)
+
+    async def nothing() -> list[None]:
+        return []
+
+    batch(nothing)
 
 
 def make_class() -> type:

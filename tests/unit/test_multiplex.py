@@ -274,3 +274,30 @@ async def test_class_and_used_instance_pickle_with_cloudpickle() -> None:
     again = cloudpickle.loads(cloudpickle.dumps(loader))  # models are not pickled
     await again.get_model("a")
     assert again.loads == ["a", "a"]
+
+
+async def test_a_stopping_replica_unloads_every_model() -> None:
+    # As Ray's replica does on shutdown: every model's __del__ (sync in a thread, or async).
+    unloaded: list[str] = []
+
+    class Unloading:
+        def __init__(self, model_id: str) -> None:
+            self.model_id = model_id
+
+        def __del__(self) -> None:
+            unloaded.append(self.model_id)
+
+    class Loader2:
+        @multiplexed(max_num_models_per_replica=3)
+        async def get_model(self, model_id: str) -> Unloading:
+            return Unloading(model_id)
+
+    hooks: list[Any] = []
+    context.set_stop_hooks(hooks)
+    loader = Loader2()
+    kept = [await loader.get_model(i) for i in "abc"]
+    assert len(hooks) == 1  # one per cache, on its first use
+    for hook in hooks:
+        await hook()
+    assert unloaded == ["a", "b", "c"]  # least recently used first
+    assert [m.model_id for m in kept] == ["a", "b", "c"]

@@ -1,10 +1,10 @@
 """Dynamic request batching: ``@serve.batch``.
 
-Concurrent calls to a batched function, each passing one item, are gathered
-into a list; the function runs once per list and every caller gets its own
-element back (or, for an async generator, its own stream of elements).  Here
-live the decorator and the per-owner queue that cuts batches; replicas and
-handles know nothing about it.
+Concurrent calls to a batched function, each passing one value per
+parameter, are gathered: the function runs once with a list per parameter
+and every caller gets its own element back (or, for an async generator, its
+own stream of elements).  Here live the decorator and the per-owner queue
+that cuts batches; replicas and handles know nothing about it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast, overload
 
 from .._core import context
+from .._core.errors import LadleError
 
 _ITEM, _ERROR, _END = 0, 1, 2
 
@@ -29,37 +30,62 @@ class _Settings:
     max_batch_size: int
     batch_wait_timeout_s: float
     max_concurrent_batches: int
+    batch_size_fn: Callable[[list[Any]], int] | None = None
 
 
+# Ray's checks and messages (ray/serve/batching.py, 2.60), so the same code fails the same way.
 def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be integer >= 1, got {value}")
     if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return value
+
+
+def _check_concurrency(value: object) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise TypeError(f"max_concurrent_batches must be an integer >= 1, got {value}")
     return value
 
 
 def _check_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"batch_wait_timeout_s must be a number, got {value!r}")
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"batch_wait_timeout_s must be a float >= 0, got {value}")
     if not value >= 0:  # also rejects NaN
-        raise ValueError(f"batch_wait_timeout_s must be >= 0, got {value}")
+        raise ValueError(f"batch_wait_timeout_s must be a float >= 0, got {value}")
     return float(value)
 
 
+def _check_size_fn(value: object) -> Callable[[list[Any]], int] | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"batch_size_fn must be a callable or None, got {type(value)}")
+    return value
+
+
 class _Entry:
-    """One caller's item and the way back to it (a future, or a stream channel)."""
+    """One caller's arguments and the way back to it (a future, or a stream channel).
 
-    __slots__ = ("item", "request", "model_id", "arrival", "fut", "channel", "sent", "closed")
+    ``key`` is what entries sharing a batch must have in common: the
+    multiplexed model id and which parameters were passed.  ``limits`` are
+    the settings when the entry arrived; a batch follows those of its oldest
+    entry, as Ray's fixes them when a batch starts to fill.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, item: Any, stream: bool) -> None:
-        self.item = item
+    __slots__ = ("arguments", "request", "key", "limits", "arrival", "fut", "channel", "sent",
+                 "closed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, arguments: dict[str, Any], stream: bool,
+                 limits: tuple[int, float]) -> None:
+        self.arguments = arguments
         self.request = context.current_request()
-        self.model_id = self.request.multiplexed_model_id if self.request is not None else ""
+        model_id = self.request.multiplexed_model_id if self.request is not None else ""
+        self.key = (model_id, tuple(arguments))
+        self.limits = limits
         self.arrival = loop.time()
         self.fut: asyncio.Future[Any] = loop.create_future()
-        # Streams: unbounded, but the producer waits for each element to be
-        # taken (Queue.join) before producing the next, so one is in flight.
+        # Streams: see _BatchQueue._run_stream for how far the producer runs ahead.
         self.channel: asyncio.Queue[tuple[int, Any]] | None = asyncio.Queue() if stream else None
         self.sent = False
         self.closed = False
@@ -82,28 +108,38 @@ class _BatchQueue:
     """Cuts batches for one owner: an instance, or a plain function.
 
     Callers append entries.  One flusher task, started by an entry and exiting
-    as soon as nothing is pending or running, cuts a batch of up to
-    ``max_batch_size`` entries sharing one multiplexed model id once it is full
-    or ``batch_wait_timeout_s`` has passed since its oldest entry, and runs at
-    most ``max_concurrent_batches`` at once, each in a task the flusher waits
-    for.  A caller cancelled before its batch is cut is dropped from it.  The
-    queue is bound to the event loop of its first caller and moves to another
-    loop only while idle.  Pickling it gives a fresh, idle queue.
+    as soon as nothing is pending or running, cuts batches and runs at most
+    ``max_concurrent_batches`` at once, each in a task the flusher waits for.
+    A batch is made of the oldest entries sharing a key (model id and passed
+    parameters), in arrival order, up to ``max_batch_size`` entries (or, with
+    ``batch_size_fn``, as many as fit under it); it goes once it is full (or
+    the next entry does not fit), else ``batch_wait_timeout_s`` after its
+    oldest entry arrived.  A caller cancelled before its batch is cut is
+    dropped from it.  The queue is bound to the event loop of its first caller
+    and moves to another loop only while idle.  Pickling it gives a fresh,
+    idle queue.
     """
 
-    def __init__(self, fn: Callable[[list[Any]], Any], settings: _Settings, stream: bool,
-                 param: str, wrapped: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], settings: _Settings, stream: bool,
+                 is_method: bool, wrapped: Callable[..., Any]) -> None:
         self.fn, self.settings, self.stream = fn, settings, stream
-        self._param, self.wrapped = param, wrapped
+        self._is_method, self.wrapped = is_method, wrapped
+        self._signature = _batch_signature(wrapped, is_method)
+        names = list(self._signature.parameters)
+        self._first = names[0] if names else ""
+        # One positional parameter, as most batched functions have: no binding needed.
+        self._single = (len(names) == 1 and self._signature.parameters[self._first].kind
+                        is not inspect.Parameter.KEYWORD_ONLY)
         self._pending: deque[_Entry] = deque()
         self._batches: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
+        self._taken = asyncio.Event()  # a streaming caller took an element, or left
         self._flusher: asyncio.Task[None] | None = None
         self.entry = _entry_point(self)
 
     def __reduce__(self) -> Any:
-        return (_BatchQueue, (self.fn, replace(self.settings), self.stream, self._param,
+        return (_BatchQueue, (self.fn, replace(self.settings), self.stream, self._is_method,
                               self.wrapped))
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
@@ -114,24 +150,36 @@ class _BatchQueue:
         self.settings.batch_wait_timeout_s = _check_timeout(batch_wait_timeout_s)
         self._changed.set()
 
+    def get_max_batch_size(self) -> int:
+        return self.settings.max_batch_size
+
+    def get_batch_wait_timeout_s(self) -> float:
+        return self.settings.batch_wait_timeout_s
+
     def put(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
-        if len(args) == 1 and not kwargs:
-            item = args[0]
-        elif not args and list(kwargs) == [self._param]:
-            item = kwargs[self._param]
+        if self._single and len(args) == 1 and not kwargs:
+            arguments = {self._first: args[0]}
         else:
-            raise TypeError(f"{self.wrapped.__qualname__}() takes exactly one item, positional "
-                            f"or as {self._param}=..., got {len(args)} positional and "
-                            f"{sorted(kwargs)} keyword arguments")
+            try:
+                arguments = self._signature.bind(*args, **kwargs).arguments
+            except TypeError as exc:
+                raise TypeError(f"{self.wrapped.__qualname__}(): {exc}") from None
+        settings = self.settings
+        size_fn = settings.batch_size_fn
+        if size_fn is not None and size_fn([arguments.get(self._first)]) > settings.max_batch_size:
+            raise RuntimeError("Size of item is greater than max_batch_size. Please increase the "
+                               "max_batch_size or check the implementation of the batch_size_fn.")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             if self._flusher is not None and self._loop is not None and not self._loop.is_closed():
                 raise RuntimeError(f"{self.wrapped.__qualname__}() is batching in another event "
                                    "loop; a batch queue serves one loop at a time")
             self._loop, self._flusher, self._changed = loop, None, asyncio.Event()
+            self._taken = asyncio.Event()
             self._pending.clear()
             self._batches.clear()
-        entry = _Entry(loop, item, self.stream)
+        entry = _Entry(loop, arguments, self.stream,
+                       (settings.max_batch_size, settings.batch_wait_timeout_s))
         self._pending.append(entry)
         self._changed.set()
         if self._flusher is None:
@@ -150,32 +198,51 @@ class _BatchQueue:
             self._changed.set()
         elif entry.channel is not None:
             entry.closed = True
-            while not entry.channel.empty():  # release a producer waiting in join()
+            while not entry.channel.empty():
                 entry.channel.get_nowait()
-                entry.channel.task_done()
+            self._taken.set()
+
+    def took(self) -> None:
+        """A streaming caller took an element: its batch may produce more."""
+        self._taken.set()
+
+    def _cut(self, group: list[_Entry]) -> tuple[list[_Entry], bool]:
+        """The batch a group's oldest entries make, and whether it must go now."""
+        max_size = group[0].limits[0]
+        size_fn = self.settings.batch_size_fn
+        if size_fn is None:
+            return group[:max_size], len(group) >= max_size
+        first = self._first
+        items: list[Any] = []
+        for taken, entry in enumerate(group):
+            items.append(entry.arguments.get(first))
+            if taken and size_fn(items) > max_size:
+                return group[:taken], True  # the next one does not fit: go now
+        return group, size_fn(items) >= max_size
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending or self._batches:
-                settings = self.settings
-                if not self._pending or len(self._batches) >= settings.max_concurrent_batches:
+                if (not self._pending
+                        or len(self._batches) >= self.settings.max_concurrent_batches):
                     await self._wait_changed(None)
                     continue
-                # A full batch of any model id goes at once; otherwise the
-                # oldest entry's batch goes when its wait is over.
-                groups: dict[str, list[_Entry]] = {}
+                # A full batch of any key goes at once; otherwise the oldest
+                # entry's batch goes when its wait is over.
+                groups: dict[tuple[str, tuple[str, ...]], list[_Entry]] = {}
                 for entry in self._pending:
-                    groups.setdefault(entry.model_id, []).append(entry)
-                ready = [g for g in groups.values() if len(g) >= settings.max_batch_size]
+                    groups.setdefault(entry.key, []).append(entry)
+                cuts = [self._cut(group) for group in groups.values()]
+                ready = [batch for batch, full in cuts if full]
                 if not ready:
                     first = self._pending[0]
-                    remaining = first.arrival + settings.batch_wait_timeout_s - loop.time()
+                    remaining = first.arrival + first.limits[1] - loop.time()
                     if remaining > 0:
                         await self._wait_changed(None if math.isinf(remaining) else remaining)
                         continue
-                    ready = [groups[first.model_id]]
-                self._start(ready[0][:settings.max_batch_size])
+                    ready = [batch for batch, _ in cuts if batch[0] is first]
+                self._start(ready[0])
             # No await between the emptiness check above and this line, so a
             # caller either saw this flusher still running or starts a new one.
             self._flusher = None
@@ -208,7 +275,8 @@ class _BatchQueue:
         first = batch[0].request
         if first is not None:
             ctx.run(context.set_request, context.RequestContext(
-                app_name=first.app_name, route=first.route, multiplexed_model_id=batch[0].model_id))
+                app_name=first.app_name, route=first.route,
+                multiplexed_model_id=batch[0].key[0]))
         assert self._loop is not None
         task = self._loop.create_task(self._run(batch), context=ctx)
         self._batches.add(task)
@@ -218,12 +286,18 @@ class _BatchQueue:
         self._batches.discard(task)
         self._changed.set()
 
+    def _call(self, batch: list[_Entry]) -> Any:
+        """The function called with a list per parameter its callers passed."""
+        arguments = {name: [e.arguments[name] for e in batch] for name in batch[0].key[1]}
+        bound = inspect.BoundArguments(self._signature, arguments)
+        return self.fn(*bound.args, **bound.kwargs)
+
     async def _run(self, batch: list[_Entry]) -> None:
         try:
             if self.stream:
                 await self._run_stream(batch)
             else:
-                values = _check_results(await self.fn([e.item for e in batch]), len(batch))
+                values = _check_results(await self._call(batch), len(batch))
                 for entry, value in zip(batch, values):
                     entry.finish(_ITEM, value)
         except Exception as exc:
@@ -238,23 +312,49 @@ class _BatchQueue:
                 entry.finish(_END)  # ends streams; futures are already resolved
 
     async def _run_stream(self, batch: list[_Entry]) -> None:
-        outputs = self.fn([e.item for e in batch])
+        outputs = self._call(batch)
         try:
             async for output in outputs:
                 for entry, value in zip(batch, _check_results(output, len(batch))):
-                    # Ray's convention: StopIteration in a slot ends that caller's stream.
-                    if value is StopIteration or isinstance(value, StopIteration):
+                    # Ray's convention: StopIteration (or StopAsyncIteration) in a
+                    # slot ends that caller's stream.
+                    if value in _STREAM_ENDS or isinstance(value, _STREAM_ENDS):
                         entry.finish(_END)
                     elif not entry.closed and entry.channel is not None:
                         entry.channel.put_nowait((_ITEM, value))
-                # Flow control: the batch moves at the pace of its slowest caller.
-                for entry in batch:
-                    if not entry.closed and entry.channel is not None:
-                        await entry.channel.join()
+                # Flow control at the pace of the fastest caller, as far as
+                # _STREAM_AHEAD elements: a caller may read its stream to the end
+                # before another starts on its own (Ray's callers may), so slower
+                # callers' elements wait for them, unbounded, as in Ray.
+                while True:
+                    open_channels = [e.channel for e in batch
+                                     if not e.closed and e.channel is not None]
+                    if not open_channels or any(c.qsize() < _STREAM_AHEAD
+                                                for c in open_channels):
+                        break
+                    self._taken.clear()
+                    await self._taken.wait()
                 if all(entry.closed for entry in batch):
                     break
         finally:
             await outputs.aclose()
+
+
+_STREAM_ENDS = (StopIteration, StopAsyncIteration)
+_STREAM_AHEAD = 8
+
+
+def _batch_signature(fn: Callable[..., Any], is_method: bool) -> inspect.Signature:
+    """What callers pass: the function's parameters, without ``self`` for a method."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    if is_method:
+        params = params[1:]
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"@serve.batch: {fn.__qualname__} takes *{param.name}; a batched "
+                            "function takes named parameters, each of which gets a list")
+    return signature.replace(parameters=params)
 
 
 def _check_results(results: Any, expected: int) -> list[Any]:
@@ -262,8 +362,8 @@ def _check_results(results: Any, expected: int) -> list[Any]:
         raise TypeError(f"a batched function must return (or yield) a list, got "
                         f"{type(results).__name__}")
     if len(results) != expected:
-        raise RuntimeError(f"a batched function must return (or yield) one result per input: "
-                           f"expected a list of length {expected}, got length {len(results)}")
+        raise LadleError("Batched function doesn't preserve batch size. The input list has "
+                         f"length {expected} but the returned list has length {len(results)}.")
     return list(results)
 
 
@@ -271,20 +371,12 @@ def _entry_point(queue: _BatchQueue) -> _Batched:
     """The callable users call: a real coroutine (or async generator) function."""
     entry_point: Callable[..., Any]
     if queue.stream:
-        async def stream_entry(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            entry = queue.put(args, kwargs)
-            assert entry.channel is not None
-            try:
-                while True:
-                    kind, value = await entry.channel.get()
-                    entry.channel.task_done()
-                    if kind == _END:
-                        return
-                    if kind == _ERROR:
-                        raise value
-                    yield value
-            finally:
-                queue.discard(entry)
+        def stream_entry(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            # Queued at the call, as Ray's: callers may create several streams
+            # before reading any of them, and their calls still share a batch.
+            return _elements(queue, queue.put(args, kwargs))
+        # How the replica knows to call it on its loop and stream what it returns.
+        setattr(stream_entry, "__ladle_async_generator__", True)
         entry_point = stream_entry
     else:
         async def entry(*args: Any, **kwargs: Any) -> Any:
@@ -301,7 +393,26 @@ def _entry_point(queue: _BatchQueue) -> _Batched:
     # setattr: mypy has no way to type attributes added to a function.
     setattr(entry_point, "set_max_batch_size", queue.set_max_batch_size)
     setattr(entry_point, "set_batch_wait_timeout_s", queue.set_batch_wait_timeout_s)
+    # Ray's private getters, which its own tests and some user code read.
+    setattr(entry_point, "_get_max_batch_size", queue.get_max_batch_size)
+    setattr(entry_point, "_get_batch_wait_timeout_s", queue.get_batch_wait_timeout_s)
     return cast(_Batched, entry_point)
+
+
+async def _elements(queue: _BatchQueue, entry: _Entry) -> AsyncIterator[Any]:
+    """One streaming caller's elements, as its batch yields them."""
+    assert entry.channel is not None
+    try:
+        while True:
+            kind, value = await entry.channel.get()
+            queue.took()
+            if kind == _END:
+                return
+            if kind == _ERROR:
+                raise value
+            yield value
+    finally:
+        queue.discard(entry)
 
 
 class _BatchedMethod:
@@ -313,9 +424,9 @@ class _BatchedMethod:
     coroutine function, like a bound method, with the per-instance setters.
     """
 
-    def __init__(self, fn: Callable[..., Any], settings: _Settings, stream: bool,
-                 param: str) -> None:
-        self._fn, self._settings, self._stream, self._param = fn, settings, stream, param
+    def __init__(self, fn: Callable[..., Any], settings: _Settings, stream: bool) -> None:
+        self._fn, self._settings, self._stream = fn, settings, stream
+        _batch_signature(fn, is_method=True)  # refuse *args/**kwargs when the class is made
         self._key = f"_ladle_batch_queue__{fn.__qualname__}"
         functools.update_wrapper(self, fn)
 
@@ -327,7 +438,7 @@ class _BatchedMethod:
         except KeyError:
             queue = instance.__dict__[self._key] = _BatchQueue(
                 functools.partial(self._fn, instance), replace(self._settings), self._stream,
-                self._param, self._fn)
+                True, self._fn)
         except AttributeError:
             raise TypeError(f"@serve.batch needs a __dict__ on {type(instance).__name__} "
                             "instances to keep their queue") from None
@@ -338,7 +449,7 @@ class _BatchedMethod:
 
 
 class _Batched(Protocol):
-    """What ``@serve.batch`` makes: called with one item, tuned per instance."""
+    """What ``@serve.batch`` makes: called with one value per parameter, tuned per instance."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
     def set_max_batch_size(self, max_batch_size: int) -> None: ...
@@ -348,22 +459,27 @@ class _Batched(Protocol):
 @overload
 def batch(_func: Callable[..., Any], /) -> _Batched: ...
 @overload
-def batch(_func: None = None, /, *, max_batch_size: int = 10, batch_wait_timeout_s: float = 0.01,
-          max_concurrent_batches: int = 1) -> Callable[[Callable[..., Any]], _Batched]: ...
+def batch(_func: None = None, /, max_batch_size: int = 10, batch_wait_timeout_s: float = 0.01,
+          max_concurrent_batches: int = 1, batch_size_fn: Callable[[list[Any]], int] | None = None,
+          ) -> Callable[[Callable[..., Any]], _Batched]: ...
 
 
-def batch(_func: Callable[..., Any] | None = None, /, *, max_batch_size: int = 10,
-          batch_wait_timeout_s: float = 0.01, max_concurrent_batches: int = 1) -> Any:
-    """Gathers concurrent calls, one item each, into calls with a list.
+def batch(_func: Callable[..., Any] | None = None, /, max_batch_size: int = 10,
+          batch_wait_timeout_s: float = 0.01, max_concurrent_batches: int = 1,
+          batch_size_fn: Callable[[list[Any]], int] | None = None) -> Any:
+    """Gathers concurrent calls into one call with a list per parameter.
 
-    The decorated ``async def`` (a method or a plain function) takes a list
-    and returns a list of the same length; callers pass one item and get
-    their own element.  A batch runs once ``max_batch_size`` items are queued
-    or ``batch_wait_timeout_s`` has passed since the oldest; if the function
-    raises, or returns a list of the wrong length, every caller in the batch
-    gets the error.  An async generator yielding lists makes each caller's
-    call an async generator of its own elements.  Items with different
-    multiplexed model ids never share a batch.
+    The decorated ``async def`` (a method or a plain function) takes lists
+    and returns a list as long as them; each caller passes one value per
+    parameter and gets its own element.  A batch runs once ``max_batch_size``
+    calls are queued (or, with ``batch_size_fn``, once that function of the
+    calls' first arguments reaches ``max_batch_size``; a call too big alone
+    fails with ``RuntimeError``) or ``batch_wait_timeout_s`` has passed since
+    its oldest call; if the function raises, or returns a list of the wrong
+    length, every caller in the batch gets the error.  An async generator
+    yielding lists makes each caller's call an async generator of its own
+    elements.  Calls with different multiplexed model ids, or passing
+    different parameters, never share a batch.
 
     Example:
         >>> class Model:
@@ -372,28 +488,39 @@ def batch(_func: Callable[..., Any] | None = None, /, *, max_batch_size: int = 1
         ...         return [x * 2 for x in xs]
         >>> # await model(3) == 6; model.__call__.set_max_batch_size(16)
     """
+    if _func is not None:
+        if not callable(_func):
+            raise TypeError("@serve.batch can only be used to decorate functions or methods.")
+        if not _is_async(_func):
+            raise TypeError("Functions decorated with @serve.batch must be 'async def'")
     settings = _Settings(_check_count("max_batch_size", max_batch_size),
                          _check_timeout(batch_wait_timeout_s),
-                         _check_count("max_concurrent_batches", max_concurrent_batches))
+                         _check_concurrency(max_concurrent_batches),
+                         _check_size_fn(batch_size_fn))
 
     def decorate(fn: Callable[..., Any]) -> _Batched:
+        if not callable(fn):
+            raise TypeError("@serve.batch can only be used to decorate functions or methods.")
+        if not _is_async(fn):
+            # Ray accepts a sync function here and fails every call to it.
+            raise TypeError("Functions decorated with @serve.batch must be 'async def'")
         stream = inspect.isasyncgenfunction(fn)
-        if not (stream or inspect.iscoroutinefunction(fn)):
-            raise TypeError(f"@serve.batch needs an `async def` function or async generator, "
-                            f"got {fn!r}")
-        positional = [p for p in inspect.signature(fn).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         # Accessed through instances, the method's descriptor gives them the
         # setters; to type checkers both kinds look the same.
-        if len(positional) == 2:
-            return cast(_Batched, _BatchedMethod(fn, settings, stream, positional[1].name))
-        if len(positional) == 1:
-            return _BatchQueue(fn, replace(settings), stream, positional[0].name, fn).entry
-        raise TypeError(f"@serve.batch: {fn.__qualname__} must take one list argument "
-                        "(after self, for a method)")
+        if _defined_in_class(fn):
+            return cast(_Batched, _BatchedMethod(fn, settings, stream))
+        return _BatchQueue(fn, replace(settings), stream, False, fn).entry
 
-    if _func is None:
-        return decorate
-    if not callable(_func):
-        raise TypeError(f"@serve.batch decorates functions, got {_func!r}")
-    return decorate(_func)
+    return decorate if _func is None else decorate(_func)
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
+def _defined_in_class(fn: Callable[..., Any]) -> bool:
+    """A ``def`` in a class body (``Model.handle``, ``f.<locals>.Model.handle``), as
+    opposed to a function of a module or of another function (``f.<locals>.g``).
+    The decorator runs while the class body does, so this is all it can see."""
+    owner, dot, _ = getattr(fn, "__qualname__", "").rpartition(".")
+    return bool(dot) and not owner.endswith("<locals>")

@@ -50,7 +50,8 @@ class _ModelCache:
     recently used models are evicted until loaded plus loading models fit, so a
     model's memory is released before the next one takes it.  Evicting awaits
     the model's ``__del__`` if it is a coroutine function and calls it if not,
-    as Ray Serve does.  Pickling the cache gives an empty one.
+    as Ray Serve does; a replica that stops unloads every model the same way.
+    Pickling the cache gives an empty one.
     """
 
     def __init__(self, load: Callable[[str], Awaitable[Any]], capacity: int) -> None:
@@ -58,11 +59,19 @@ class _ModelCache:
         self._capacity = capacity
         self._models: OrderedDict[str, Any] = OrderedDict()
         self._loading: dict[str, asyncio.Task[Any]] = {}
+        self._hooked = False
 
     def __reduce__(self) -> Any:
         return (_ModelCache, (self._load, self._capacity))
 
+    async def unload_all(self) -> None:
+        while self._models:
+            await self._evict_lru()
+
     async def get(self, model_id: str) -> Any:
+        if not self._hooked:
+            self._hooked = True
+            context.add_stop_hook(self.unload_all)
         if model_id in self._models:
             self._models.move_to_end(model_id)
             return self._models[model_id]
@@ -111,7 +120,8 @@ class _ModelCache:
             if inspect.iscoroutinefunction(unload):
                 await unload()
             else:
-                unload()
+                # In a worker thread, as Ray does: it may block, or wait on a handle call.
+                await asyncio.to_thread(unload)
         except Exception:
             logger.exception("unloading multiplexed model %r failed", model_id)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .._serving.by_reference import ObjectRef
 from .._serving.handle import DeploymentResponse
+
+_REFS = (DeploymentResponse, ObjectRef)
 
 
 def get(refs: Any, *, timeout: float | None = None) -> Any:
@@ -21,9 +24,9 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
 
 
 def _get_one(ref: Any, deadline: float | None) -> Any:
-    if not isinstance(ref, DeploymentResponse):
-        raise TypeError(f"ladle.get() takes what a handle's `.remote()` returns, got "
-                        f"{type(ref).__name__}.")
+    if not isinstance(ref, _REFS):
+        raise TypeError(f"ladle.get() takes what a handle's `.remote()` returns (or an "
+                        f"ObjectRef), got {type(ref).__name__}.")
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     return ref.result(timeout_s=remaining)
 
@@ -34,7 +37,7 @@ def wait(refs: list[Any], *, num_returns: int = 1, timeout: float | None = None,
     if not isinstance(refs, list):
         raise TypeError(f"ladle.wait() takes a list of responses, got {type(refs).__name__}.")
     for ref in refs:
-        if not isinstance(ref, DeploymentResponse):
+        if not isinstance(ref, _REFS):
             raise TypeError(f"ladle.wait() takes responses, got {type(ref).__name__}.")
     if not 0 <= num_returns <= len(refs):
         raise ValueError(f"num_returns must be between 0 and {len(refs)}, got {num_returns}.")
@@ -60,7 +63,7 @@ def wait(refs: list[Any], *, num_returns: int = 1, timeout: float | None = None,
     return chosen, [r for r in refs if id(r) not in taken]
 
 
-def _wait_any(pending: list[DeploymentResponse], timeout_s: float | None) -> None:
+def _wait_any(pending: list[Any], timeout_s: float | None) -> None:
     import concurrent.futures
 
     futures = [r._wait_future() for r in pending]

@@ -205,9 +205,9 @@ class InprocRemote:
                 task.cancel()
                 # A task cancelled before its first step never reaches its own handler.
                 task.add_done_callback(lambda _: sink.error(  # no-op if it answered
-                    RequestCancelledError("The request was cancelled.")))
+                    RequestCancelledError()))
             else:
-                sink.error(RequestCancelledError("The request was cancelled."))
+                sink.error(RequestCancelledError())
 
         self._on_server(cancel_there)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,3 +91,20 @@ def report_multiplexed_model_ids(model_ids: frozenset[str]) -> None:
 
 def set_model_ids_listener(listener: Any) -> None:
     _model_ids_listener.set(listener)
+
+
+# What the replica awaits as it stops, after the user object's own cleanup:
+# multiplexed model caches unload their models (their ``__del__``), as Ray's do.
+_stop_hooks: contextvars.ContextVar[list[Callable[[], Awaitable[None]]] | None] = (
+    contextvars.ContextVar("ladle_stop_hooks", default=None))
+
+
+def set_stop_hooks(hooks: list[Callable[[], Awaitable[None]]]) -> None:
+    _stop_hooks.set(hooks)
+
+
+def add_stop_hook(hook: Callable[[], Awaitable[None]]) -> None:
+    """Await ``hook()`` when this replica stops; outside a replica, nothing."""
+    hooks = _stop_hooks.get()
+    if hooks is not None:
+        hooks.append(hook)

@@ -9,6 +9,7 @@ to a response is one attribute lookup.
     ├── BackPressureError                         503  caller's queue is full
     ├── DeploymentUnavailableError                503  no replica can take it
     ├── ReplicaDiedError                          503  the replica died mid-request
+    ├── ReplicaUnavailableError                   503  (Ray's name; not raised by ladle)
     ├── RequestCancelledError                     499  cancelled by caller/timeout
     ├── HandleClosedError                         503  used after serve.shutdown()
     ├── RemoteError                               500  user error that can't be pickled
@@ -35,31 +36,51 @@ RayServeException = LadleError
 
 
 class BackPressureError(LadleError):
-    """The caller's queue for a deployment is full (``max_queued_requests``)."""
+    """The caller's queue for a deployment is full (``max_queued_requests``).
 
-    status_code = 503
+    Constructed as Ray's: ``BackPressureError(num_queued_requests,
+    max_queued_requests, status_code=503, retry_after_s=None)``.
+    """
 
-    def __init__(self, *, num_queued_requests: int = 0, max_queued_requests: int = 0,
-                 message: str | None = None) -> None:
+    def __init__(self, num_queued_requests: int = 0, max_queued_requests: int = 0,
+                 status_code: int = 503, retry_after_s: float | None = None) -> None:
+        # Every argument goes to the base class, so the error pickles as it was made.
+        super().__init__(num_queued_requests, max_queued_requests, status_code, retry_after_s)
         self.num_queued_requests = num_queued_requests
         self.max_queued_requests = max_queued_requests
-        super().__init__(message or (
-            f"Request dropped due to backpressure (num_queued_requests="
-            f"{num_queued_requests}, max_queued_requests={max_queued_requests})."))
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
 
-    def __reduce__(self) -> Any:
-        return (_rebuild_backpressure, (self.num_queued_requests,
-                                        self.max_queued_requests, str(self)))
+    @property
+    def message(self) -> str:
+        return (f"Request dropped due to backpressure (num_queued_requests="
+                f"{self.num_queued_requests}, max_queued_requests={self.max_queued_requests}).")
 
-
-def _rebuild_backpressure(n: int, m: int, message: str) -> BackPressureError:
-    return BackPressureError(num_queued_requests=n, max_queued_requests=m, message=message)
+    def __str__(self) -> str:
+        return self.message
 
 
 class DeploymentUnavailableError(LadleError):
     """No replica of the deployment is available to take the request."""
 
     status_code = 503
+
+
+class ReplicaUnavailableError(LadleError):
+    """The replica chosen for a request is no longer available."""
+
+    status_code = 503
+
+    def __init__(self, replica_id: str = "") -> None:
+        super().__init__(replica_id)
+        self.replica_id = replica_id
+
+    @property
+    def message(self) -> str:
+        return f"Replica {self.replica_id} is no longer available."
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ReplicaDiedError(LadleError):
@@ -71,9 +92,21 @@ class ReplicaDiedError(LadleError):
 
 
 class RequestCancelledError(LadleError):
-    """The request was cancelled (by the caller, a timeout or a disconnect)."""
+    """The request was cancelled (by the caller, a timeout or a disconnect).
+
+    ``str()`` is Ray's: ``Request <request_id> was cancelled.``
+    """
 
     status_code = 499
+
+    def __init__(self, request_id: str | None = None) -> None:
+        super().__init__(*(() if request_id is None else (request_id,)))
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        if self.request_id:
+            return f"Request {self.request_id} was cancelled."
+        return "Request was cancelled."
 
 
 class HandleClosedError(LadleError):

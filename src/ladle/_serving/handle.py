@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .._core.context import current_request, new_request_id
-from .._core.errors import LadleError, RequestCancelledError
+from .._core.errors import HandleClosedError, ReplicaDiedError, RequestCancelledError
 from .._core.loop import background_loop
 from .._core.serialization import snapshot_arguments
 from .._core.types import DeploymentID
+from .by_reference import ObjectRef, Outcome, reduce_nested
 from .router import DONE, QUEUED, Request, Router, router_for
 from .streams import STREAM_WINDOW, StreamBuffer
 
@@ -30,6 +32,8 @@ class _Default:
 
 
 DEFAULT: Any = _Default()
+# Ray's choices for options(request_serialization=/response_serialization=).
+_SERIALIZATIONS = frozenset(("cloudpickle", "pickle", "msgpack", "orjson"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +77,27 @@ class DeploymentHandle:
         return self.deployment_id.app_name
 
     def options(self, *, method_name: Any = DEFAULT, multiplexed_model_id: Any = DEFAULT,
-                stream: Any = DEFAULT, use_new_handle_api: Any = DEFAULT,
-                _prefer_local_routing: Any = DEFAULT, _by_reference: Any = DEFAULT,
+                stream: Any = DEFAULT, session_id: Any = DEFAULT,
+                request_serialization: Any = DEFAULT, response_serialization: Any = DEFAULT,
+                use_new_handle_api: Any = DEFAULT, _prefer_local_routing: Any = DEFAULT,
+                _by_reference: Any = DEFAULT,
                 _source: Any = DEFAULT) -> DeploymentHandle:
         """Return a copy of this handle with some options changed.
+
+        ``session_id`` (session stickiness for custom request routers) and the
+        ``*_serialization`` choices are accepted as Ray accepts them; ladle's
+        router has no session affinity and always pickles.
 
         Example:
             ``handle.options(method_name="predict", multiplexed_model_id="m1").remote(x)``
         """
+        if session_id is not DEFAULT and not isinstance(session_id, str):
+            raise TypeError(f"session_id must be a str, got {type(session_id).__name__}")
+        for name, value in (("request_serialization", request_serialization),
+                            ("response_serialization", response_serialization)):
+            if value is not DEFAULT and value not in _SERIALIZATIONS:
+                raise ValueError(f"{name} must be one of {sorted(_SERIALIZATIONS)}, "
+                                 f"got {value!r}")
         changes: dict[str, Any] = {}
         if method_name is not DEFAULT:
             if not isinstance(method_name, str) or not method_name:
@@ -177,15 +194,24 @@ def _rebuild_handle(name: str, app: str, options: _HandleOptions) -> DeploymentH
 
 
 def _check_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """True if some argument is a DeploymentResponse to resolve first."""
+    """True if some argument is a DeploymentResponse (or ObjectRef) to resolve first."""
     found = False
     for value in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(value, _ResponseBase):
+        if type(value) is ObjectRef:
+            found = True
+        elif isinstance(value, _ResponseBase):
             if isinstance(value, DeploymentResponseGenerator):
-                raise TypeError("A DeploymentResponseGenerator cannot be passed to another "
-                                "`.remote()` call; iterate it and pass the items instead.")
+                raise GeneratorCompositionError(
+                    "Streaming deployment handle results cannot be passed to downstream "
+                    "handle calls: iterate the DeploymentResponseGenerator and pass its "
+                    "items instead.")
             found = True
     return found
+
+
+class GeneratorCompositionError(RuntimeError, TypeError):
+    """A DeploymentResponseGenerator passed to ``.remote()``: Ray raises RuntimeError;
+    ladle's contract said TypeError, so it is both."""
 
 
 def _start(router: Router, req: Request, response: _ResponseBase, needs_resolving: bool) -> None:
@@ -197,12 +223,11 @@ def _start(router: Router, req: Request, response: _ResponseBase, needs_resolvin
 
 async def _resolve_then_assign(router: Router, req: Request) -> None:
     try:
-        args = tuple([await v if isinstance(v, DeploymentResponse) else v for v in req.args])
-        kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v)
-                  for k, v in req.kwargs.items()}
+        args = tuple([await v if isinstance(v, _RESOLVED) else v for v in req.args])
+        kwargs = {k: (await v if isinstance(v, _RESOLVED) else v) for k, v in req.kwargs.items()}
     except asyncio.CancelledError:
         if req.state != DONE:
-            req.fail(RequestCancelledError("The request was cancelled before it was assigned."))
+            req.fail(RequestCancelledError(req.meta[0]))
         raise
     except BaseException as exc:
         # An upstream call failed: this one fails with the same error.
@@ -269,11 +294,17 @@ class _ResponseBase:
         """Whether ``cancel()`` was called (the request may still have completed)."""
         return self._cancelled
 
-    def __reduce__(self) -> Any:
-        raise LadleError(
-            f"{type(self).__name__} cannot be serialized. To pass one to another "
-            "deployment, pass it as a top-level argument of `.remote()` (not inside a "
-            "list or dict), or `await` it first.")
+    @property
+    def request_id(self) -> str:
+        """The id of the request: the caller's own when made while serving one."""
+        request_id: str = self._req.meta[0]
+        return request_id
+
+    @property
+    def by_reference(self) -> bool:
+        """Ray's flag for responses that can become object references; always True."""
+        return True
+
 
 
 class DeploymentResponse(_ResponseBase):
@@ -332,8 +363,13 @@ class DeploymentResponse(_ResponseBase):
             waitable = asyncio.wrap_future(fut)
         elif loop is self._loop:
             waitable = fut
+        elif fut.done():  # made in a loop that may have ended since
+            return self._finished()
         else:
-            waitable = _bridge_future(fut, self._loop)
+            try:
+                waitable = _bridge_future(fut, self._loop)
+            except RuntimeError:  # that loop is closed
+                raise HandleClosedError(_LOOP_ENDED) from None
         try:
             return (yield from waitable.__await__())
         except asyncio.CancelledError:
@@ -341,8 +377,40 @@ class DeploymentResponse(_ResponseBase):
                 self.cancel()
                 raise
             if self._cancelled:
-                raise RequestCancelledError("The request was cancelled.") from None
+                raise RequestCancelledError(self.request_id) from None
             raise
+
+    def _finished(self) -> Any:
+        """The outcome of a request that is over, read from any thread."""
+        try:
+            return _outcome(self._req.target, self.request_id)
+        except (ReplicaDiedError, HandleClosedError) as exc:
+            # Its connection went with the loop that made it, not with the replica.
+            if not self._threaded and self._loop.is_closed():
+                raise HandleClosedError(_LOOP_ENDED) from exc
+            raise
+
+    def __reduce__(self) -> Any:
+        # Nested in another call's arguments: passed by reference (by_reference.py).
+        return reduce_nested(self)
+
+    def _on_done(self, callback: Callable[[Outcome], None]) -> None:
+        """Call ``callback(outcome)`` once the result is in (on whichever thread)."""
+        fut = self._req.target
+        request_id = self.request_id
+
+        def deliver(done: Any) -> None:
+            try:
+                callback((True, _outcome(done, request_id)))
+            except Exception as exc:
+                callback((False, exc))
+
+        if fut.done():
+            deliver(fut)
+        elif self._threaded or _get_running_loop() is self._loop:
+            fut.add_done_callback(deliver)
+        else:
+            self._loop.call_soon_threadsafe(fut.add_done_callback, deliver)
 
     def result(self, *, timeout_s: float | None = None, _skip_asyncio_check: bool = False) -> Any:
         """Block until the result is ready (not from inside an event loop).
@@ -352,16 +420,20 @@ class DeploymentResponse(_ResponseBase):
         fut = self._req.target
         if not self._threaded and fut.done():
             # At once, even inside the loop: asyncio (gather, wait_for) reads a finished
-            # future so, and expects CancelledError from a cancelled one.
-            if fut.cancelled() and _get_running_loop() is None:
-                raise RequestCancelledError("The request was cancelled.")
-            return fut.result()
+            # future so, and expects CancelledError from a cancelled one.  Also when the
+            # loop that made it has ended since.
+            if fut.cancelled() and _get_running_loop() is not None:
+                return fut.result()  # raises CancelledError
+            return self._finished()
         if not _skip_asyncio_check and _get_running_loop() is not None:
             raise RuntimeError(
                 "Sync methods should not be called from within an `asyncio` event loop. "
                 "Use `await response` instead.")
         if not self._threaded:
-            fut = _bridge_future(fut, self._loop, threaded=True)
+            try:
+                fut = _bridge_future(fut, self._loop, threaded=True)
+            except RuntimeError:  # that loop is closed
+                raise HandleClosedError(_LOOP_ENDED) from None
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
@@ -369,13 +441,17 @@ class DeploymentResponse(_ResponseBase):
                 raise
             raise TimeoutError(f"Timed out after {timeout_s}s waiting for the result.") from None
         except concurrent.futures.CancelledError:
-            raise RequestCancelledError("The request was cancelled.") from None
+            raise RequestCancelledError(self.request_id) from None
 
     def _wait_future(self) -> concurrent.futures.Future[Any]:
         """A concurrent future that completes with this response (for ``ladle.wait``)."""
         fut = self._req.target
         if self._threaded:
             return fut  # type: ignore[no-any-return]
+        if fut.done():
+            done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            done.set_result(None)
+            return done
         return _bridge_future(fut, self._loop, threaded=True)  # type: ignore[no-any-return]
 
     def _is_done(self) -> bool:
@@ -400,12 +476,26 @@ class DeploymentResponseGenerator(_ResponseBase):
 
     def __await__(self) -> Any:
         raise TypeError("`DeploymentResponseGenerator` cannot be awaited directly. "
-                        "Use `async for` instead.")
+                        "Use `async for` or `await response.__anext__()` instead.")
+
+    def result(self, *, timeout_s: float | None = None,
+               _skip_asyncio_check: bool = False) -> Any:
+        """Not for streams: raises ``TypeError`` (iterate the generator instead)."""
+        raise TypeError("`DeploymentResponseGenerator` doesn't support `.result()`. Use "
+                        "iteration instead: `for item in response` (outside deployments) or "
+                        "`async for item in response` (inside deployments).")
+
+    def __reduce__(self) -> Any:
+        raise GeneratorCompositionError(
+            "Streaming deployment handle results cannot be passed to downstream handle "
+            "calls: iterate the DeploymentResponseGenerator and pass its items instead.")
 
     def __aiter__(self) -> DeploymentResponseGenerator:
         return self
 
     async def __anext__(self) -> Any:
+        if self._cancelled:
+            raise RequestCancelledError(self.request_id)
         try:
             return await self._req.target.next_async()
         except asyncio.CancelledError:
@@ -424,13 +514,29 @@ class DeploymentResponseGenerator(_ResponseBase):
 
     def __next__(self) -> Any:
         if _get_running_loop() is not None:
-            raise RuntimeError("Iterating a DeploymentResponseGenerator with `for` would block "
-                               "the event loop. Use `async for` instead.")
+            raise RuntimeError("Sync methods should not be called from within an `asyncio` "
+                               "event loop. Use `async for` or `await response.__anext__()` "
+                               "instead.")
+        if self._cancelled:
+            raise RequestCancelledError(self.request_id)
         buffer: StreamBuffer = self._req.target
         if buffer._cond is None:
             raise RuntimeError("This generator was created in an event loop; "
                                "iterate it with `async for` in that loop.")
         return buffer.next_sync()
+
+
+_LOOP_ENDED = (
+    "The event loop this request was made in ended before its result arrived: a request "
+    "made inside an event loop is sent and answered there. Await it before that loop ends "
+    "(Ray Serve's handles keep such requests going), or make it outside any event loop.")
+
+
+def _outcome(fut: Any, request_id: str) -> Any:
+    """The result of a finished asyncio future, read from any thread."""
+    if fut.cancelled():
+        raise RequestCancelledError(request_id)
+    return fut.result()
 
 
 def _bridge_future(fut: Any, loop: asyncio.AbstractEventLoop, threaded: bool = False) -> Any:
@@ -448,5 +554,8 @@ def _bridge_future(fut: Any, loop: asyncio.AbstractEventLoop, threaded: bool = F
     loop.call_soon_threadsafe(fut.add_done_callback, copy)
     return out if threaded else asyncio.wrap_future(out)
 
+
+# Arguments awaited before a call is sent (the top-level ones).
+_RESOLVED = (DeploymentResponse, ObjectRef)
 
 __all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator", "QUEUED"]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import logging
 import os
 import sys
 from collections import deque
@@ -27,6 +28,7 @@ from .._core.transport import ReplySink, RunningRequest
 from .._core.types import SYSTEM_PREFIX, DeploymentID, ReplicaContext, ReplicaStats
 from .._core.snapshots import hub
 from . import control_link
+from .by_reference import RefTable, received, take_received
 from .asgi import (
     AppLifespan,
     HTTP_METHOD,
@@ -37,14 +39,17 @@ from .asgi import (
 )
 from .sync_http import SyncHttpCall
 from .threads import ThreadRunner
-from .user_code import ASYNC, SYNC, UserCallable
+from .user_code import ASYNC, SYNC, UserCallable, is_generator, returned_generator
 
+logger = logging.getLogger("ladle")
 
 # Up to this max_ongoing_requests, a worker thread answers a sync HTTP call itself
 # (sync_http.py): with few slots each request's round trip bounds throughput, and
 # that saves the loop a wake-up.  With more, the loop answers in batches, which
 # costs less per request (bench/README.md, "A worker thread answers").
 _THREAD_ANSWERS_UP_TO = 8
+# How long a stopping replica waits for the handle calls its cleanup made.
+_CLEANUP_CALLS_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Replica:
         self._idle: asyncio.Event | None = None
         self._model_ids: frozenset[str] = frozenset()
         self._lifespan: AppLifespan | None = None
+        self._stop_hooks: list[Any] = []
         self._base_context = contextvars.copy_context()
 
     # ---------------------------------------------------------------- lifecycle
@@ -129,6 +135,7 @@ class Replica:
         finally:
             if self._lifespan is not None:
                 await self._lifespan.shutdown()
+            await self._run_stop_hooks()
             self._threads.shutdown()
 
     async def _build(self) -> None:
@@ -156,6 +163,31 @@ class Replica:
         if spec.user_config is not None:
             await self._reconfigure(spec.user_config)
 
+    async def _run_stop_hooks(self) -> None:
+        """Await what asked to run as the replica stops (multiplexed models unload), then
+        the handle calls they made: cleanup code often reports with a call it does not
+        await (Ray's examples do), which would otherwise die with the process."""
+        hooks, self._stop_hooks[:] = list(self._stop_hooks), []
+        if not hooks:
+            return
+        cleanup = _context.RequestContext(app_name=self.spec.deployment_id.app_name)
+        token = _context.set_request(cleanup)
+        try:
+            for hook in hooks:
+                try:
+                    await hook()
+                except Exception:
+                    logger.exception("cleanup of deployment '%s' failed",
+                                     self.spec.deployment_id.name)
+        finally:
+            _context.reset_request(token)
+        calls = [asyncio.ensure_future(_settle(c)) for c in cleanup.children or ()
+                 if inspect.isawaitable(c)]
+        if calls:
+            await asyncio.wait(calls, timeout=_CLEANUP_CALLS_TIMEOUT_S)
+            for call in calls:
+                call.cancel()
+
     def _install_context(self, servable: Any) -> None:
         """Set what user code reads from context, and keep it for request tasks."""
         spec = self.spec
@@ -163,6 +195,7 @@ class Replica:
             app_name=spec.deployment_id.app_name, deployment=spec.deployment_id.name,
             replica_tag=spec.replica_id, replica_id=spec.replica_id, servable_object=servable))
         _context.set_model_ids_listener(self._on_model_ids)
+        _context.set_stop_hooks(self._stop_hooks)
         self._base_context = contextvars.copy_context()
 
     def _on_model_ids(self, model_ids: frozenset[str]) -> None:
@@ -173,6 +206,8 @@ class Replica:
     def start_request(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                       sink: ReplySink) -> RunningRequest | None:
         loop = self._loop or self._bind_loop_early()
+        # The references its arguments made as they were unpickled (by_reference.py).
+        refs = take_received() if received else None
         if type(meta) is not tuple or len(meta) != 5:
             # Checked before a slot is taken: a request that fails past that point
             # without reaching its handler would keep the slot forever.
@@ -185,9 +220,9 @@ class Replica:
         if method.startswith(SYSTEM_PREFIX):
             coro = self._system(method, args, kwargs, sink)
         elif meta[3]:
-            coro = self._stream(meta, args, kwargs, sink)
+            coro = self._stream(meta, args, kwargs, sink, refs)
         else:
-            coro = self._unary(meta, args, kwargs, sink)
+            coro = self._unary(meta, args, kwargs, sink, refs)
         return loop.create_task(coro, context=self._base_context.copy())
 
     def _sync_http(self, meta: tuple[Any, ...], args: tuple[Any, ...],
@@ -291,11 +326,12 @@ class Replica:
             self._idle.set()  # type: ignore[union-attr]
 
     async def _unary(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                     sink: ReplySink) -> None:
+                     sink: ReplySink, refs: list[Any] | None) -> None:
         if not self._take_free_slot():  # a coroutine only when the request must wait
             await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
+        table = RefTable(refs, sink) if refs else None
         try:
             user = self._user
             if user is None:
@@ -305,6 +341,8 @@ class Replica:
             fn, kind = user.method(meta[1])
             if kind == ASYNC:
                 value = await fn(*args, **kwargs)
+                if is_generator(value):  # an async method that returns a generator
+                    raise TypeError(returned_generator(user.label(meta[1])))
             else:
                 value = await user.call(fn, kind, args, kwargs, meta[1])
             try:
@@ -316,19 +354,22 @@ class Replica:
                 ) from exc
         except asyncio.CancelledError:
             _cancel_children(ctx)
-            sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))
+            sink.error(RequestCancelledError(meta[0]))
             raise
         except BaseException as exc:
             sink.error(exc)
         finally:
             self.release()
+            if table is not None:
+                await table.aclose()
 
     async def _stream(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
-                      sink: ReplySink) -> None:
+                      sink: ReplySink, refs: list[Any] | None) -> None:
         if not self._take_free_slot():  # a coroutine only when the request must wait
             await self._acquire()
         ctx = _context.RequestContext(meta[0], meta[4], self.spec.deployment_id.app_name, meta[2])
         _context.set_request(ctx)
+        table = RefTable(refs, sink) if refs else None
         try:
             if self._user is None:
                 await self._wait_ready()
@@ -345,12 +386,14 @@ class Replica:
                 await user.stream(fn, kind, args, kwargs, sink, meta[1])
         except asyncio.CancelledError:
             _cancel_children(ctx)
-            sink.error(RequestCancelledError(f"Request {meta[0]} was cancelled."))
+            sink.error(RequestCancelledError(meta[0]))
             raise
         except BaseException as exc:
             sink.error(exc)
         finally:
             self.release()
+            if table is not None:
+                await table.aclose()
 
     async def _wait_ready(self) -> None:
         assert self._ready is not None
@@ -445,6 +488,13 @@ def _apply_runtime_env(extras: dict[str, Any]) -> None:
     for entry in reversed(extras.get("sys_path") or ()):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+
+
+async def _settle(call: Any) -> None:
+    try:
+        await call
+    except Exception:
+        pass  # the cleanup's own business; the replica is stopping either way
 
 
 def _cancel_children(ctx: _context.RequestContext) -> None:

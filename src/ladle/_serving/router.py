@@ -1,12 +1,14 @@
 """The Router: sends one deployment's requests, from one event loop, to its replicas.
 
 Not here: resolving ``DeploymentResponse`` arguments (the handle does that
-before assigning) and the choice policy itself (``choosers.py``).
+before assigning; nested ones are forwarded by ``by_reference.py`` once the
+request is out) and the choice policy itself (``choosers.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections import deque
 from typing import Any
@@ -21,6 +23,7 @@ from .._core.errors import (
 from .._core.snapshots import hub
 from .._core.transport import Remote, connect
 from .._core.types import DeploymentID, DeploymentSnapshot, ReplicaInfo
+from .by_reference import forward, register_sender
 from .choosers import choose_replica
 
 QUEUED, SENT, DONE = 0, 1, 2
@@ -32,7 +35,7 @@ class Request:
     """One call on its way: queued in a router, then sent on a replica's connection."""
 
     __slots__ = ("meta", "args", "kwargs", "target", "stream", "window", "model_id",
-                 "state", "slot", "key", "inputs", "__weakref__")
+                 "state", "slot", "key", "inputs", "nested", "__weakref__")
 
     def __init__(self, meta: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
                  target: Any, stream: bool, window: int) -> None:
@@ -47,6 +50,7 @@ class Request:
         self.slot: _Slot | None = None
         self.key = 0
         self.inputs: list[Any] | None = None  # sent into the request before it was assigned
+        self.nested: list[Any] | None = None  # responses met serialising the arguments
 
     def fail(self, exc: BaseException) -> None:
         self.state = DONE
@@ -130,13 +134,13 @@ class Router:
                 self._queue.remove(req)
             except ValueError:
                 pass
-            req.fail(RequestCancelledError("The request was cancelled before it was assigned."))
+            req.fail(RequestCancelledError(req.meta[0]))
         elif req.state == SENT:
             req.state = DONE
             slot = req.slot
             if slot is not None and slot.remote is not None:
                 slot.remote.cancel(req.key)
-            req.fail(RequestCancelledError("The request was cancelled."))
+            req.fail(RequestCancelledError(req.meta[0]))
 
     def send_input(self, req: Request, item: Any) -> None:
         """Deliver ``item`` into a running request (queued until it is assigned)."""
@@ -161,6 +165,7 @@ class Router:
                 req.key = remote.start_unary(req.meta, req.args, req.kwargs, req.target,
                                              slot.release)
         except ReplicaDiedError:
+            req.nested = None
             # It never left this process: try another replica.
             slot.in_flight -= 1
             req.state = QUEUED
@@ -170,8 +175,12 @@ class Router:
             return
         except BaseException as exc:
             slot.in_flight -= 1
+            req.nested = None
             req.fail(exc)
             return
+        if req.nested is not None:  # responses nested in the arguments (by_reference.py)
+            found, req.nested = req.nested, None
+            forward(found, functools.partial(remote.send_input, req.key), self._loop)
         if req.inputs:
             inputs, req.inputs = req.inputs, None
             for item in inputs:
@@ -295,6 +304,8 @@ class Router:
         return {"queued": len(self._queue),
                 "in_flight": {s.info.replica_id: s.in_flight for s in self._slots.values()}}
 
+
+register_sender(Router._send.__code__)
 
 # Routers of this process, one per (deployment, event loop).
 _routers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[DeploymentID, Router]] = (

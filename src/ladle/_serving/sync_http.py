@@ -133,7 +133,6 @@ class SyncHttpCall:
         children, self._request.children = self._request.children, None
         for child in list(children or ()):
             child.cancel()
-        self._sink.error(RequestCancelledError(f"Request {self._request.request_id} was "
-                                               "cancelled."))
+        self._sink.error(RequestCancelledError(self._request.request_id))
         if release:
             self._replica.release()

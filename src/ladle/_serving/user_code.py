@@ -30,7 +30,9 @@ def method_kind(fn: Callable[..., Any]) -> int:
     target = fn
     if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn):
         target = getattr(fn, "__call__", fn)
-    if inspect.isasyncgenfunction(target):
+    # A sync function that must run on the loop and returns an async generator
+    # says so with this attribute (a streaming @serve.batch entry point).
+    if inspect.isasyncgenfunction(target) or getattr(target, "__ladle_async_generator__", False):
         return ASYNC_GEN
     if inspect.iscoroutinefunction(target):
         return ASYNC
@@ -52,6 +54,12 @@ class UserCallable:
         self.asgi_app: Any = None
         # What HTTP requests call on a plain deployment (see http_entrypoint).
         self._http_entrypoint: tuple[Callable[..., Any], int, bool] | None = None
+
+    def label(self, method: str) -> str:
+        """How Ray's messages name a method: a function deployment by its function's name."""
+        if self._is_function:
+            return getattr(self.target, "__name__", method)
+        return method
 
     def method(self, name: str) -> tuple[Callable[..., Any], int]:
         found = self._methods.get(name)
@@ -99,7 +107,7 @@ class UserCallable:
             if type(result) in PLAIN_TYPES:
                 return result
             return await self.settle_sync(result, method)
-        raise TypeError(_stream_hint(method, self._name))
+        raise TypeError(returned_generator(self.label(method)))
 
     async def settle_sync(self, result: Any, method: str) -> Any:
         """What a sync method's return value stands for: an awaitable it returned is
@@ -108,7 +116,7 @@ class UserCallable:
             result = await result
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
             result.close() if inspect.isgenerator(result) else await result.aclose()
-            raise TypeError(_stream_hint(method, self._name))
+            raise TypeError(returned_generator(self.label(method)))
         return result
 
     async def run_sync(self, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -118,20 +126,23 @@ class UserCallable:
     async def stream(self, fn: Callable[..., Any], kind: int, args: tuple[Any, ...],
                      kwargs: dict[str, Any], sink: ReplySink, method: str) -> None:
         if kind == ASYNC_GEN:
-            agen = fn(*args, **kwargs)
-            try:
-                async for item in agen:
-                    if not sink.item(item):
-                        await sink.wait_credit()
-            finally:
-                await agen.aclose()
+            await _send_async_items(fn(*args, **kwargs), sink)
         elif kind == SYNC_GEN:
             await _SyncGeneratorPump(self, fn, args, kwargs).run(sink)
         else:
-            raise TypeError(
-                f"Method '{method}' of deployment '{self._name}' is not a generator, but it "
-                "was called with `handle.options(stream=True)`. Remove `stream=True` or make "
-                "the method a generator (`yield`).")
+            # As Ray: a plain method may return a generator (or a coroutine that does).
+            result = await (fn(*args, **kwargs) if kind == ASYNC
+                            else self._threads.run(fn, args, kwargs))
+            if inspect.isawaitable(result):
+                result = await result
+            if inspect.isasyncgen(result):
+                await _send_async_items(result, sink)
+            elif inspect.isgenerator(result):
+                await _SyncGeneratorPump(self, _itself, (result,), {}).run(sink)
+            else:
+                raise TypeError(f"Called method '{self.label(method)}' with "
+                                "`handle.options(stream=True)` "
+                                "but it did not return a generator.")
         sink.end()
 
 
@@ -142,9 +153,28 @@ def _takes_parameters(fn: Callable[..., Any]) -> bool:
         return True
 
 
-def _stream_hint(method: str, name: str) -> str:
-    return (f"Method '{method}' of deployment '{name}' is a generator; call it with "
-            "`handle.options(stream=True)` to stream its items.")
+def returned_generator(method: str) -> str:
+    """Ray's words for a generator called without ``stream=True``."""
+    return (f"Method '{method}' returned a generator. You must use "
+            "`handle.options(stream=True)` to call generators on a deployment.")
+
+
+def is_generator(value: Any) -> bool:
+    return type(value) not in PLAIN_TYPES and (inspect.isgenerator(value)
+                                               or inspect.isasyncgen(value))
+
+
+def _itself(value: Any) -> Any:
+    return value
+
+
+async def _send_async_items(agen: Any, sink: ReplySink) -> None:
+    try:
+        async for item in agen:
+            if not sink.item(item):
+                await sink.wait_credit()
+    finally:
+        await agen.aclose()
 
 
 class _SyncGeneratorPump:

@@ -8,6 +8,7 @@ from ..exceptions import LadleError as LadleError
 from ..exceptions import RayServeException as RayServeException
 from ..exceptions import RemoteError as RemoteError
 from ..exceptions import ReplicaDiedError as ReplicaDiedError
+from ..exceptions import ReplicaUnavailableError as ReplicaUnavailableError
 from ..exceptions import RequestCancelledError as RequestCancelledError
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "RayServeException",
     "RemoteError",
     "ReplicaDiedError",
+    "ReplicaUnavailableError",
     "RequestCancelledError",
 ]

@@ -478,7 +478,8 @@ class _Reply:
             return
         self._finished = True
         # Not needed any more; kept, it would tie a cancelled task's traceback (and
-        # the arguments in its frames, maybe shared memory) into a cycle.
+        # the arguments in its frames, maybe shared memory) into a cycle, and what runs
+        # the request may hold this reply (a SyncHttpCall does).
         self.task = None
         conn = self._conn
         conn._send(parts)
@@ -494,6 +495,7 @@ class _Reply:
             if self._finished:
                 return  # the connection is gone
             self._finished = True
+            self.task = None  # as in _finish
             conn._write_from_thread(b"".join(parts))
         conn._requests.pop(self._key, None)
 
@@ -584,9 +586,9 @@ class ServerConnection(_FramedProtocol):
                     # A task cancelled before its first step (or while waiting for a slot)
                     # never reaches its own handler; the client waits for an answer.
                     task.add_done_callback(lambda _: reply.error(  # no-op if it answered
-                        RequestCancelledError("The request was cancelled.")))
+                        RequestCancelledError()))
                 else:
-                    reply.error(RequestCancelledError("The request was cancelled."))
+                    reply.error(RequestCancelledError())
         elif kind == CREDIT:
             (credit,) = U32.unpack(payload)  # exactly 4 bytes, or the peer is dropped
             target = self._requests.get(key)
